@@ -1,0 +1,321 @@
+"""The failure detector: events and ``now`` in, transitions out.
+
+Pure on purpose: no clock, no MQTT, no database. Every method takes ``now``
+(seconds on the orchestrator's monotonic clock, at receipt) so the whole
+state machine is tested with a fake clock.
+
+Deadlines live in a heap with lazy re-arming: a pulse only stores ``now``
+(a dict lookup and an attribute write), and a runtime's heap entry is
+popped and pushed again about once per ``interval + grace``, not once per
+pulse. Nothing ever walks every runtime on a timer.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+class State(enum.Enum):
+    UNKNOWN = "unknown"
+    ALIVE = "alive"
+    DEAD = "dead"
+    STOPPED = "stopped"
+
+
+ALIVE, DEAD, STOPPED, UNKNOWN = State.ALIVE, State.DEAD, State.STOPPED, State.UNKNOWN
+_WATCHED = (ALIVE, UNKNOWN)
+"""States with a deadline: the two in which silence means death."""
+
+
+class NotRegistered(KeyError):
+    """A message for a runtime ID the detector does not know."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One change of a runtime's state; ``event`` names the alert it raises, if any."""
+
+    runtime_id: str
+    old: State
+    new: State
+    at: float
+    last_seen: float | None
+    reason: str
+    event: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """A read-only snapshot of one runtime, for status documents."""
+
+    runtime_id: str
+    state: State
+    interval: float
+    grace: float
+    last_seen: float | None
+    since: float
+    reason: str | None
+
+
+class _Runtime:
+    __slots__ = ("dead_session", "grace", "interval", "last_seen", "reason", "session", "since", "state", "token")
+
+    def __init__(self, interval: float, grace: float, state: State, since: float) -> None:
+        self.interval = interval
+        self.grace = grace
+        self.state = state
+        self.since = since
+        self.reason: str | None = None
+        self.last_seen: float | None = None
+        self.token = 0
+        """Identifies this runtime's one live heap entry; 0 when it has none."""
+        self.session: int | None = None
+        """The session number of the runtime's newest connection, from its birth message."""
+        self.dead_session: int | None = None
+        """The session declared dead by a will: its late pulses must not revive it."""
+
+
+class Detector:
+    """Tracks every registered runtime and decides alive, dead, stopped or unknown.
+
+    No runtime goes dead before it has been watched for a full
+    ``interval + grace`` since :meth:`resume` (start-up or broker reconnect),
+    so a restart or a broker blip never raises a wave of false alerts.
+    """
+
+    def __init__(self, *, now: float) -> None:
+        self._runtimes: dict[str, _Runtime] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._tokens = itertools.count(1)
+        self._watch_from = now
+        self._suspended = False
+        self._seen: dict[str, float] = {}
+        self.heap_pops = 0
+        """How many deadline entries have been examined: a measure of work, for tests."""
+
+    # --- queries -------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._runtimes)
+
+    def __contains__(self, runtime_id: object) -> bool:
+        return runtime_id in self._runtimes
+
+    def view(self, runtime_id: str) -> View:
+        rt = self._get(runtime_id)
+        return View(runtime_id, rt.state, rt.interval, rt.grace, rt.last_seen, rt.since, rt.reason)
+
+    def views(self) -> Iterator[View]:
+        for runtime_id in self._runtimes:
+            yield self.view(runtime_id)
+
+    def deadline(self, runtime_id: str) -> float | None:
+        """When the runtime will be declared dead if it stays silent; None if not watched."""
+        rt = self._get(runtime_id)
+        return self._deadline(rt) if rt.state in _WATCHED else None
+
+    def next_deadline(self) -> float | None:
+        """The earliest time :meth:`expire` may have work; None while suspended or idle.
+
+        It may be early (the entry is re-armed lazily) but never late.
+        """
+        if self._suspended or not self._heap:
+            return None
+        return self._heap[0][0]
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
+
+    # --- registration --------------------------------------------------------
+
+    def register(
+        self, runtime_id: str, interval: float, grace: float, now: float, *, live: bool = True
+    ) -> Transition | None:
+        """Add a runtime or change its interval.
+
+        ``live`` is False for a retained request re-delivered at subscribe: it
+        sets the interval but is no sign of life.
+        """
+        rt = self._runtimes.get(runtime_id)
+        if rt is None:
+            rt = self._runtimes[runtime_id] = _Runtime(interval, grace, UNKNOWN, now)
+            rt.reason = "registered"
+            self._arm(runtime_id, rt)
+        elif (rt.interval, rt.grace) != (interval, grace):
+            rt.interval, rt.grace = interval, grace
+            if rt.state in _WATCHED:
+                self._arm(runtime_id, rt)
+        if live:
+            return self._alive(runtime_id, rt, now, "registered")
+        return None
+
+    def restore(
+        self,
+        runtime_id: str,
+        *,
+        interval: float,
+        grace: float,
+        state: State,
+        since: float,
+        last_seen: float | None,
+        reason: str | None,
+    ) -> None:
+        """Load a runtime as the database had it; the watch starts at :meth:`resume`."""
+        rt = self._runtimes[runtime_id] = _Runtime(interval, grace, state, since)
+        rt.last_seen = last_seen
+        rt.reason = reason
+        if state in _WATCHED:
+            self._arm(runtime_id, rt)
+
+    def deregister(self, runtime_id: str) -> bool:
+        """Forget a runtime; its heap entry becomes stale and is dropped when popped."""
+        self._seen.pop(runtime_id, None)
+        return self._runtimes.pop(runtime_id, None) is not None
+
+    # --- events --------------------------------------------------------------
+
+    def pulse(self, runtime_id: str, now: float, session: int | None = None) -> Transition | None:
+        """A pulse arrived. Raises :class:`NotRegistered` for an unknown ID.
+
+        This is the hot path: one dict lookup and two stores when the runtime
+        is already alive.
+        """
+        rt = self._runtimes.get(runtime_id)
+        if rt is None:
+            raise NotRegistered(runtime_id)
+        if session is not None and session == rt.dead_session:
+            return None  # a late pulse from a connection already declared dead
+        rt.last_seen = now
+        self._seen[runtime_id] = now
+        if rt.state is ALIVE:
+            return None
+        return self._alive(runtime_id, rt, now, "pulse received")
+
+    def online(
+        self, runtime_id: str, now: float, session: int | None = None, *, live: bool = True
+    ) -> Transition | None:
+        """A birth message: the runtime connected (a new session, if numbered)."""
+        rt = self._get(runtime_id)
+        if session is not None:
+            if session == rt.dead_session:
+                return None
+            rt.session = session
+        if not live:
+            return None  # a retained copy: it names the session, but is no sign of life now
+        rt.last_seen = now
+        self._seen[runtime_id] = now
+        return self._alive(runtime_id, rt, now, "connected")
+
+    def offline(
+        self, runtime_id: str, now: float, session: int | None = None, *, live: bool = True
+    ) -> Transition | None:
+        """A last will: the broker lost the runtime's connection.
+
+        A will from an older session than the newest birth is stale and
+        ignored. A retained will seen at start-up changes nothing: the watch
+        after start decides, so a restart raises no alert from old news.
+        """
+        rt = self._get(runtime_id)
+        if session is not None and rt.session is not None and session != rt.session:
+            return None
+        if not live or rt.state not in _WATCHED:
+            return None
+        rt.dead_session = session
+        return self._become(runtime_id, rt, DEAD, now, "connection lost", "dead")
+
+    def stopped(self, runtime_id: str, now: float, session: int | None = None) -> Transition | None:
+        """The runtime said it is stopping on purpose: no dead alert follows."""
+        rt = self._get(runtime_id)
+        if session is not None and rt.session is not None and session != rt.session:
+            return None
+        if rt.state is STOPPED:
+            return None
+        return self._become(runtime_id, rt, STOPPED, now, "stopped by runtime", "stopped")
+
+    # --- time ----------------------------------------------------------------
+
+    def expire(self, now: float) -> list[Transition]:
+        """Declare dead every watched runtime whose deadline has passed by ``now``."""
+        if self._suspended:
+            return []
+        out: list[Transition] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, token, runtime_id = heapq.heappop(heap)
+            self.heap_pops += 1
+            rt = self._runtimes.get(runtime_id)
+            if rt is None or rt.token != token:
+                continue  # deregistered or re-armed since
+            rt.token = 0
+            if rt.state not in _WATCHED:
+                continue
+            deadline = self._deadline(rt)
+            if deadline > now:
+                self._push(runtime_id, rt, deadline)
+                continue
+            if rt.state is ALIVE and rt.last_seen is not None and rt.last_seen > self._watch_from:
+                reason = f"no pulse for {now - rt.last_seen:.1f} s (interval {rt.interval:g} s + grace {rt.grace:g} s)"
+            else:
+                reason = f"no pulse within {rt.interval + rt.grace:g} s of watching"
+            out.append(self._become(runtime_id, rt, DEAD, now, reason, "dead"))
+        return out
+
+    def suspend(self) -> None:
+        """Stop judging: the orchestrator lost its broker and cannot see pulses."""
+        self._suspended = True
+
+    def resume(self, now: float) -> None:
+        """Start (again) to judge, giving every watched runtime a full interval + grace.
+
+        O(1): the new start time is read when each entry next falls due.
+        """
+        self._watch_from = now
+        self._suspended = False
+
+    def take_seen(self) -> dict[str, float]:
+        """Last-seen times changed since the previous call, for a batched write."""
+        seen, self._seen = self._seen, {}
+        return seen
+
+    # --- internals -----------------------------------------------------------
+
+    def _get(self, runtime_id: str) -> _Runtime:
+        rt = self._runtimes.get(runtime_id)
+        if rt is None:
+            raise NotRegistered(runtime_id)
+        return rt
+
+    def _deadline(self, rt: _Runtime) -> float:
+        start = max(self._watch_from, rt.since)
+        if rt.last_seen is not None and rt.last_seen > start:
+            start = rt.last_seen
+        return start + rt.interval + rt.grace
+
+    def _push(self, runtime_id: str, rt: _Runtime, deadline: float) -> None:
+        rt.token = next(self._tokens)
+        heapq.heappush(self._heap, (deadline, rt.token, runtime_id))
+
+    def _arm(self, runtime_id: str, rt: _Runtime) -> None:
+        self._push(runtime_id, rt, self._deadline(rt))
+
+    def _alive(self, runtime_id: str, rt: _Runtime, now: float, reason: str) -> Transition | None:
+        if rt.state is ALIVE:
+            return None
+        event = "recovered" if rt.state in (DEAD, STOPPED) else None
+        rt.dead_session = None
+        transition = self._become(runtime_id, rt, ALIVE, now, reason, event)
+        if rt.token == 0:
+            self._arm(runtime_id, rt)
+        return transition
+
+    def _become(
+        self, runtime_id: str, rt: _Runtime, new: State, now: float, reason: str, event: str | None
+    ) -> Transition:
+        old = rt.state
+        rt.state, rt.since, rt.reason = new, now, reason
+        return Transition(runtime_id, old, new, now, rt.last_seen, reason, event)

@@ -1,0 +1,336 @@
+"""Wire protocol v1: topics, IDs, bounds and payload codecs.
+
+This is the one module both sides import, so the contract in
+``docs/protocol.md`` lives in code exactly once. It does no I/O: every
+function takes bytes or values and returns values or raises
+:class:`ProtocolError`, whose ``reason`` is a short stable code that the
+orchestrator counts rejections by.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+VERSION: Final = 1
+DEFAULT_PREFIX: Final = "heartbeat/v1"
+
+MIN_INTERVAL: Final = 0.1
+"""Shortest interval or grace, in seconds: below it a verdict is noise."""
+MAX_INTERVAL: Final = 86_400.0
+"""Longest interval or grace, in seconds (one day)."""
+MAX_ID_LENGTH: Final = 128
+MAX_PAYLOAD: Final = 64 * 1024
+"""Default cap on any payload the orchestrator decodes, in bytes."""
+
+_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+RuntimeState = Literal["alive", "dead", "stopped", "unknown"]
+ConnectionState = Literal["online", "offline", "stopped"]
+CONNECTION_STATES: Final = ("online", "offline", "stopped")
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol; ``reason`` is a stable code for counting."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def is_valid_id(runtime_id: object) -> bool:
+    """True for 1-128 characters of ``A-Z a-z 0-9 . _ - :``."""
+    return isinstance(runtime_id, str) and _ID_RE.fullmatch(runtime_id) is not None
+
+
+def check_id(runtime_id: object) -> str:
+    """Return ``runtime_id`` if valid, else raise ``ProtocolError('bad_id')``."""
+    if is_valid_id(runtime_id):
+        return runtime_id  # type: ignore[return-value]
+    shown = repr(runtime_id)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    raise ProtocolError(
+        "bad_id",
+        f"invalid runtime id {shown}: use 1-{MAX_ID_LENGTH} characters of A-Z a-z 0-9 . _ - :",
+    )
+
+
+def check_seconds(name: str, value: object) -> float:
+    """Validate an interval or grace: a finite number within the documented bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError("bad_type", f"{name} must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
+        raise ProtocolError(
+            "out_of_range",
+            f"{name} must be between {MIN_INTERVAL:g} and {MAX_INTERVAL:g} seconds, got {value!r}",
+        )
+    return seconds
+
+
+class Topics:
+    """Every topic of protocol v1 under one configurable prefix."""
+
+    __slots__ = ("_runtimes", "_runtimes_len", "alerts", "orchestrator_state", "prefix")
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        if not prefix or prefix.startswith("/") or prefix.endswith("/") or any(c in prefix for c in "+#\0"):
+            raise ValueError(f"invalid topic prefix {prefix!r}: no wildcards, no leading or trailing '/'")
+        self.prefix = prefix
+        self._runtimes = f"{prefix}/runtimes/"
+        self._runtimes_len = len(self._runtimes)
+        self.alerts = f"{prefix}/alerts"
+        self.orchestrator_state = f"{prefix}/orchestrator/state"
+
+    def interval(self, runtime_id: str) -> str:
+        return f"{self._runtimes}{runtime_id}/interval"
+
+    def reply(self, runtime_id: str) -> str:
+        return f"{self._runtimes}{runtime_id}/interval/reply"
+
+    def pulse(self, runtime_id: str) -> str:
+        return f"{self._runtimes}{runtime_id}/pulse"
+
+    def state(self, runtime_id: str) -> str:
+        return f"{self._runtimes}{runtime_id}/state"
+
+    def status(self, runtime_id: str) -> str:
+        return f"{self.prefix}/status/{runtime_id}"
+
+    @property
+    def status_filter(self) -> str:
+        return f"{self.prefix}/status/+"
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """What the orchestrator subscribes to, with the QoS of each."""
+        return [
+            (f"{self._runtimes}+/interval", 1),
+            (f"{self._runtimes}+/state", 1),
+            (f"{self._runtimes}+/pulse", 0),
+        ]
+
+    def parse(self, topic: str) -> tuple[str, str] | None:
+        """Split ``{prefix}/runtimes/{id}/{kind}`` into ``(kind, id)``.
+
+        Returns None for topics outside the runtimes tree. The ID is returned
+        unchecked: callers validate it before using it for anything. String
+        slicing, not a regex, since this runs once per pulse.
+        """
+        if not topic.startswith(self._runtimes):
+            return None
+        rest = topic[self._runtimes_len :]
+        cut = rest.rfind("/")
+        if cut <= 0:
+            return None
+        return rest[cut + 1 :], rest[:cut]
+
+
+# --- payloads ---------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError("malformed_json", f"{name} is not valid JSON")
+
+
+def decode_object(payload: bytes, *, limit: int = MAX_PAYLOAD) -> dict[str, Any]:
+    """Decode a UTF-8 JSON object, strictly (no NaN/Infinity, size-capped)."""
+    if len(payload) > limit:
+        raise ProtocolError("too_large", f"payload of {len(payload)} bytes exceeds the {limit} byte limit")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("bad_utf8", "payload is not valid UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError):
+        raise ProtocolError("malformed_json", "payload is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_type", f"payload must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalRequest:
+    interval: float
+    grace: float
+
+
+_INTERVAL_FIELDS: Final = frozenset({"interval", "grace"})
+
+
+def decode_interval(payload: bytes, *, limit: int = MAX_PAYLOAD) -> IntervalRequest | None:
+    """Decode an interval request; None means deregister (empty payload).
+
+    Unknown fields are rejected: this is configuration, and a typo such as
+    ``"intervall"`` should fail loudly rather than fall back to a default.
+    """
+    if not payload:
+        return None
+    obj = decode_object(payload, limit=limit)
+    unknown = sorted(set(obj) - _INTERVAL_FIELDS)
+    if unknown:
+        raise ProtocolError("unknown_field", f"unknown field(s) {', '.join(map(repr, unknown))[:200]}")
+    if "interval" not in obj:
+        raise ProtocolError("missing_field", "missing field 'interval'")
+    interval = check_seconds("interval", obj["interval"])
+    grace = interval if obj.get("grace") is None else check_seconds("grace", obj["grace"])
+    return IntervalRequest(interval, grace)
+
+
+def encode_interval(interval: float, grace: float | None = None) -> bytes:
+    body: dict[str, float] = {"interval": interval}
+    if grace is not None:
+        body["grace"] = grace
+    return json.dumps(body).encode()
+
+
+def _check_session(obj: dict[str, Any]) -> int | None:
+    session = obj.get("session")
+    if session is None:
+        return None
+    if isinstance(session, bool) or not isinstance(session, int) or not 0 <= session < 2**63:
+        raise ProtocolError("bad_type", "session must be a non-negative integer")
+    return session
+
+
+@dataclass(frozen=True, slots=True)
+class StateMessage:
+    state: ConnectionState
+    session: int | None
+
+
+def decode_state(payload: bytes, *, limit: int = MAX_PAYLOAD) -> StateMessage:
+    """Decode a runtime's birth, will or stop message. Extra fields are ignored."""
+    obj = decode_object(payload, limit=limit)
+    state = obj.get("state")
+    if state not in CONNECTION_STATES:
+        raise ProtocolError("bad_value", f"state must be one of {', '.join(CONNECTION_STATES)}, got {state!r}"[:200])
+    return StateMessage(state, _check_session(obj))
+
+
+def encode_state(state: ConnectionState, session: int | None = None) -> bytes:
+    body: dict[str, Any] = {"state": state}
+    if session is not None:
+        body["session"] = session
+    return json.dumps(body).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Pulse:
+    seq: int | None
+    session: int | None
+
+
+EMPTY_PULSE: Final = Pulse(None, None)
+
+
+def decode_pulse(payload: bytes, *, limit: int = MAX_PAYLOAD) -> Pulse:
+    """Decode a pulse: empty, or an object with optional integer seq and session."""
+    if not payload:
+        return EMPTY_PULSE
+    obj = decode_object(payload, limit=limit)
+    seq = obj.get("seq")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
+        raise ProtocolError("bad_type", "seq must be an integer")
+    return Pulse(seq, _check_session(obj))
+
+
+def encode_pulse(seq: int | None = None, session: int | None = None) -> bytes:
+    if seq is None and session is None:
+        return b""
+    body: dict[str, int] = {}
+    if seq is not None:
+        body["seq"] = seq
+    if session is not None:
+        body["session"] = session
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def encode_reply_ok(runtime_id: str, request: IntervalRequest | None) -> bytes:
+    if request is None:
+        return json.dumps({"ok": True, "id": runtime_id, "deregistered": True}).encode()
+    return json.dumps({"ok": True, "id": runtime_id, "interval": request.interval, "grace": request.grace}).encode()
+
+
+def encode_reply_error(runtime_id: str | None, error: str) -> bytes:
+    return json.dumps({"ok": False, "id": runtime_id, "error": error}).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    ok: bool
+    id: str | None
+    interval: float | None = None
+    grace: float | None = None
+    error: str | None = None
+    deregistered: bool = False
+
+
+def decode_reply(payload: bytes) -> Reply:
+    obj = decode_object(payload)
+    if not isinstance(obj.get("ok"), bool):
+        raise ProtocolError("bad_type", "reply needs a boolean 'ok'")
+    rid = obj.get("id")
+    return Reply(
+        ok=obj["ok"],
+        id=rid if isinstance(rid, str) else None,
+        interval=obj.get("interval"),
+        grace=obj.get("grace"),
+        error=obj.get("error"),
+        deregistered=bool(obj.get("deregistered", False)),
+    )
+
+
+def iso(wall: float | None) -> str | None:
+    """Unix seconds to ISO 8601 UTC with milliseconds, e.g. ``2026-11-28T21:35:11.123Z``."""
+    if wall is None:
+        return None
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def encode_status(
+    runtime_id: str,
+    *,
+    state: RuntimeState,
+    interval: float,
+    grace: float,
+    last_seen: float | None,
+    since: float | None,
+    reason: str | None,
+) -> bytes:
+    """The retained status document (wall-clock Unix seconds in, ISO 8601 out)."""
+    return json.dumps(status_dict(runtime_id, state, interval, grace, last_seen, since, reason)).encode()
+
+
+def status_dict(
+    runtime_id: str,
+    state: str,
+    interval: float,
+    grace: float,
+    last_seen: float | None,
+    since: float | None,
+    reason: str | None,
+) -> dict[str, Any]:
+    """The status object shared by the status topic and ``status --json``."""
+    return {
+        "id": runtime_id,
+        "state": state,
+        "interval": interval,
+        "grace": grace,
+        "last_seen": iso(last_seen),
+        "since": iso(since),
+        "reason": reason,
+    }
+
+
+def encode_alert(event: str, runtime_id: str, *, at: float, last_seen: float | None, reason: str | None) -> bytes:
+    return json.dumps(
+        {"event": event, "id": runtime_id, "at": iso(at), "last_seen": iso(last_seen), "reason": reason}
+    ).encode()

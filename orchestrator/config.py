@@ -1,0 +1,136 @@
+"""Settings: loaded once (YAML file, then command-line overrides), validated, frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runtime_agent.protocol import DEFAULT_PREFIX, Topics
+from runtime_agent.url import parse_broker_url
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which option and why."""
+
+
+MQTT_VERSIONS = ("auto", "5", "3.1.1")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the orchestrator needs to run. See config/orchestrator.example.yaml."""
+
+    broker: str | None = None
+    """MQTT broker URL; None starts the embedded amqtt broker on ``listen``."""
+    listen: str = "127.0.0.1:1883"
+    """Where the embedded broker listens (only without ``broker``)."""
+    db: str = "sqlite:///heartbeat.db"
+    """Peewee database URL: ``sqlite:///path`` or ``postgresql://user@host:port/name``."""
+    prefix: str = DEFAULT_PREFIX
+    client_id: str = field(default_factory=lambda: f"heartbeat-orchestrator-{uuid.uuid4().hex[:8]}")
+    mqtt_version: str = "auto"
+    """``auto`` tries MQTT 5 (reply via Response Topic) and falls back to 3.1.1."""
+    keepalive: int = 30
+    tls_ca: str | None = None
+    """CA file for ``mqtts://`` brokers; the system store when omitted."""
+    flush_interval: float = 5.0
+    """Seconds between batched writes of last-seen times."""
+    db_timeout: float = 2.0
+    """How long a verdict waits for the database before it is published from memory."""
+    max_payload: int = 65_536
+    reconnect_max: float = 10.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.broker is not None:
+            try:
+                parse_broker_url(self.broker)
+            except ValueError as exc:
+                raise ConfigError(f"broker: {exc}") from None
+        _host_port("listen", self.listen)
+        if not self.db.startswith(("sqlite:///", "postgres://", "postgresql://")):
+            raise ConfigError(f"db: expected sqlite:///PATH or postgresql://..., got {self.db!r}")
+        try:
+            Topics(self.prefix)
+        except ValueError as exc:
+            raise ConfigError(f"prefix: {exc}") from None
+        if self.mqtt_version not in MQTT_VERSIONS:
+            raise ConfigError(f"mqtt_version: one of {', '.join(MQTT_VERSIONS)}, got {self.mqtt_version!r}")
+        if not 5 <= self.keepalive <= 3600:
+            raise ConfigError("keepalive: between 5 and 3600 seconds")
+        if not 0.1 <= self.flush_interval <= 3600:
+            raise ConfigError("flush_interval: between 0.1 and 3600 seconds")
+        if not 0.0 < self.db_timeout <= 60:
+            raise ConfigError("db_timeout: between 0 and 60 seconds")
+        if not 256 <= self.max_payload <= 16 * 1024 * 1024:
+            raise ConfigError("max_payload: between 256 bytes and 16 MiB")
+        if not 0.5 <= self.reconnect_max <= 300:
+            raise ConfigError("reconnect_max: between 0.5 and 300 seconds")
+        if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
+            raise ConfigError(f"log_level: DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return _host_port("listen", self.listen)
+
+
+def _host_port(name: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Read the YAML file (if any), apply non-None overrides, validate once.
+
+    Unknown keys are an error, so a typo in the file never silently falls back
+    to a default.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config file {path}: expected a mapping of options at the top level")
+        values.update(raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(unknown)} (known: {', '.join(_FIELDS)})")
+    for name, value in values.items():
+        _check_type(name, value)
+    return Config(**values)
+
+
+def _check_type(name: str, value: Any) -> None:
+    default = _FIELDS[name].default
+    if default is dataclasses.MISSING or name == "client_id":
+        expected: tuple[type, ...] = (str,)
+    elif default is None:
+        expected = (str, type(None))
+    elif isinstance(default, bool):
+        expected = (bool,)
+    elif isinstance(default, float):
+        expected = (int, float)
+    else:
+        expected = (type(default),)
+    if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+        raise ConfigError(f"{name}: expected {names}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,611 @@
+"""The orchestrator process: thin I/O around the pure :mod:`orchestrator.detector`.
+
+Tasks, each with one job:
+
+* the consumer reads MQTT messages: pulses and state messages go straight to
+  the detector; interval requests are queued for the registrar;
+* the registrar validates requests, commits them to the database in batches,
+  and only then updates the detector and replies;
+* the watcher sleeps until the detector's next deadline and collects verdicts;
+* the publisher commits each batch of transitions (waiting at most
+  ``db_timeout``) and publishes status documents and alerts;
+* the writer owns the database thread's write queue and retries on failure,
+  so a slow or absent database never loses a transition or stalls a verdict.
+
+Liveness is judged on ``time.monotonic()`` at receipt; wall-clock times are
+derived from one anchor taken at start, for display and storage only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from runtime_agent import protocol
+from runtime_agent.protocol import ProtocolError, Topics
+from runtime_agent.url import parse_broker_url
+
+from .broker import EmbeddedBroker
+from .config import Config
+from .detector import Detector, NotRegistered, State, Transition
+from .store import FlipRow, RuntimeRow, Store
+
+log = logging.getLogger("orchestrator")
+T = TypeVar("T")
+
+_MAX_LOGGED_IDS = 10_000
+_REQUEST_BATCH = 1_000
+
+
+class WallClock:
+    """Maps monotonic readings to wall-clock Unix seconds through one anchor taken at start.
+
+    A wall-clock jump after start moves neither verdicts nor displayed times.
+    """
+
+    def __init__(self) -> None:
+        self.mono0 = time.monotonic()
+        self.wall0 = time.time()
+
+    def wall(self, mono: float) -> float:
+        return self.wall0 + (mono - self.mono0)
+
+    def wall_or_none(self, mono: float | None) -> float | None:
+        return None if mono is None else self.wall0 + (mono - self.mono0)
+
+    def mono(self, wall: float) -> float:
+        return self.mono0 + (wall - self.wall0)
+
+
+@dataclass(slots=True)
+class _Request:
+    runtime_id: str
+    payload: bytes
+    retained: bool
+    response_topic: str | None
+    correlation: bytes | None
+
+
+class Orchestrator:
+    """Watches every registered runtime; ``await run(stop)`` until ``stop`` is set."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.topics = Topics(config.prefix)
+        self.clock = WallClock()
+        self.detector = Detector(now=time.monotonic())
+        self.store = Store(config.db)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.ready = asyncio.Event()
+        """Set while subscribed and judging; tests and the demo wait on it."""
+        self.broker_url: str | None = config.broker
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heartbeat-db")
+        self._client: aiomqtt.Client | None = None
+        self._mqtt5 = config.mqtt_version != "3.1.1" and config.broker is not None  # amqtt speaks 3.1.1
+        self._probing_version = config.mqtt_version == "auto" and config.broker is not None
+        self._requests: asyncio.Queue[_Request] = asyncio.Queue()
+        self._outbox: list[Transition] = []
+        self._unsent_alerts: list[Transition] = []
+        self._status_due: set[str] = set()
+        self._outbox_wake = asyncio.Event()
+        self._rearm = asyncio.Event()
+        self._pending_flips: list[FlipRow] = []
+        self._flip_waiters: list[asyncio.Future[None]] = []
+        self._flush_seen = False
+        self._writer_wake = asyncio.Event()
+        self._logged_ids: set[str] = set()
+
+    # --- life cycle ----------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Load the database, start the broker if embedded, and watch until ``stop``."""
+        try:
+            await self._db(self.store.open)
+            rows = await self._db(self.store.load)
+        except Exception as exc:
+            raise RuntimeError(f"cannot open the database {self.config.db}: {exc}") from exc
+        for row in rows:
+            self.detector.restore(
+                row.id,
+                interval=row.interval,
+                grace=row.grace,
+                state=State(row.state),
+                since=self.clock.mono(row.since),
+                last_seen=None if row.last_seen is None else self.clock.mono(row.last_seen),
+                reason=row.reason,
+            )
+        log.info("loaded %d runtimes from %s", len(rows), _redact(self.config.db))
+        async with contextlib.AsyncExitStack() as stack:
+            if self.config.broker is None:
+                host, port = self.config.listen_address
+                broker = await stack.enter_async_context(EmbeddedBroker(host, port))
+                self.broker_url = broker.url
+            workers = [
+                asyncio.create_task(job(), name=job.__name__)
+                for job in (self._registrar, self._watcher, self._publisher, self._writer, self._flusher)
+            ]
+            try:
+                await self._connection_loop(stop)
+            finally:
+                for task in workers:
+                    task.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                await self._final_flush()
+        self._executor.shutdown(wait=True)
+        rejected = {k: v for k, v in self.stats.items() if k.startswith("rejected")}
+        log.info("stopped; pulses received %d, rejected %s", self.stats["pulses"], rejected or "none")
+
+    async def _connection_loop(self, stop: asyncio.Event) -> None:
+        backoff = 0.2
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                try:
+                    async with self._connect() as client:
+                        backoff = 0.2
+                        if await self._serve(client, stopper):
+                            return
+                except aiomqtt.MqttError as exc:
+                    if self._client is not None or self.ready.is_set():
+                        log.warning("lost the broker %s: %s", self.broker_url, exc)
+                    self._disconnected()
+                    if self._probing_version:
+                        # Never connected yet: a broker that refuses (or ignores) MQTT 5 gets 3.1.1 next.
+                        self._mqtt5 = not self._mqtt5
+                        if not self._mqtt5 and _unsupported_version(exc):
+                            log.info("broker does not speak MQTT 5; using MQTT 3.1.1")
+                            continue
+                    log.warning("cannot reach the broker %s (%s); retrying in %.1f s", self.broker_url, exc, backoff)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(stopper), backoff)
+                    backoff = min(backoff * 2, self.config.reconnect_max)
+        finally:
+            stopper.cancel()
+
+    def _connect(self) -> aiomqtt.Client:
+        assert self.broker_url is not None
+        address = parse_broker_url(self.broker_url)
+        tls = aiomqtt.TLSParameters(ca_certs=self.config.tls_ca) if address.tls else None
+        return aiomqtt.Client(
+            address.host,
+            address.port,
+            username=address.username,
+            password=address.password,
+            identifier=self.config.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if self._mqtt5 else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(self.topics.orchestrator_state, protocol.encode_state("offline"), qos=1, retain=True),
+            keepalive=self.config.keepalive,
+            tls_params=tls,
+            max_inflight_messages=1000,
+            timeout=10,
+        )
+
+    async def _serve(self, client: aiomqtt.Client, stopper: asyncio.Task[Any]) -> bool:
+        """Subscribe, judge and consume until the connection drops (False) or ``stop`` (True)."""
+        await client.publish(self.topics.orchestrator_state, protocol.encode_state("online"), qos=1, retain=True)
+        await client.subscribe(self.topics.subscriptions())
+        self._client = client
+        self._probing_version = False
+        self.detector.resume(time.monotonic())
+        self._status_due.update(view.runtime_id for view in self.detector.views())
+        self._rearm.set()
+        self._outbox_wake.set()
+        self.ready.set()
+        log.info(
+            "ready: watching %d runtimes on %s (MQTT %s, prefix %s)",
+            len(self.detector),
+            self.broker_url,
+            "5" if self._mqtt5 else "3.1.1",
+            self.config.prefix,
+        )
+        consumer = asyncio.create_task(self._consume(client))
+        done, _ = await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if consumer not in done:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            await self._shutdown_publish(client)
+            return True
+        consumer.result()  # raises the MqttError that ended it
+        raise aiomqtt.MqttError("message stream ended")
+
+    def _disconnected(self) -> None:
+        self._client = None
+        self.ready.clear()
+        self.detector.suspend()
+
+    async def _shutdown_publish(self, client: aiomqtt.Client) -> None:
+        """Publish what is still due, then say ``offline``, before a clean disconnect."""
+        try:
+            async with asyncio.timeout(5):
+                await self._publish_due(client)
+                await client.publish(
+                    self.topics.orchestrator_state, protocol.encode_state("offline"), qos=1, retain=True
+                )
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            log.warning("could not publish everything before stopping: %s", exc)
+        self._disconnected()
+
+    def rows(self) -> list[RuntimeRow]:
+        """Every runtime as the detector sees it now, in the database's shape (wall-clock times)."""
+        wall = self.clock.wall_or_none
+        return sorted(
+            (
+                RuntimeRow(
+                    v.runtime_id,
+                    v.interval,
+                    v.grace,
+                    v.state.value,
+                    self.clock.wall(v.since),
+                    wall(v.last_seen),
+                    v.reason,
+                )
+                for v in self.detector.views()
+            ),
+            key=lambda row: row.id,
+        )
+
+    # --- consumer: the hot path ----------------------------------------------
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        handle = self.handle
+        async for message in client.messages:
+            try:
+                handle(message.topic.value, message.payload, message.retain, message.properties)
+            except Exception:  # one bad message must never stop the stream
+                self.stats["errors"] += 1
+                log.exception("unexpected error handling a message on %r", message.topic.value[:200])
+
+    def handle(self, topic: str, payload: Any, retained: bool, properties: Properties | None = None) -> None:
+        """Route one message. Pulses are decoded only when non-empty."""
+        parsed = self.topics.parse(topic)
+        if parsed is None:
+            self._reject("foreign_topic", topic)
+            return
+        kind, runtime_id = parsed
+        if not isinstance(payload, bytes | bytearray):
+            payload = b"" if payload is None else str(payload).encode()
+        now = time.monotonic()
+        try:
+            if kind == "pulse":
+                session = None
+                if payload:
+                    session = protocol.decode_pulse(payload, limit=self.config.max_payload).session
+                transition = self.detector.pulse(runtime_id, now, session)
+                self.stats["pulses"] += 1
+            elif kind == "state":
+                message = protocol.decode_state(payload, limit=self.config.max_payload)
+                if message.state == "online":
+                    transition = self.detector.online(runtime_id, now, message.session, live=not retained)
+                elif message.state == "offline":
+                    transition = self.detector.offline(runtime_id, now, message.session, live=not retained)
+                else:
+                    transition = self.detector.stopped(runtime_id, now, message.session)
+                self.stats["state_messages"] += 1
+            elif kind == "interval":
+                response_topic, correlation = _response_to(properties)
+                self._requests.put_nowait(_Request(runtime_id, bytes(payload), retained, response_topic, correlation))
+                return
+            else:
+                self._reject("unknown_topic", topic)
+                return
+        except NotRegistered:
+            self._reject("unregistered", runtime_id, f"{kind} from unregistered runtime")
+            return
+        except ProtocolError as exc:
+            self._reject(exc.reason, runtime_id, f"{kind}: {exc}")
+            return
+        if transition is not None:
+            self._emit(transition)
+
+    def _reject(self, reason: str, key: str, what: str | None = None) -> None:
+        """Count a rejection; log it once per runtime ID (bounded), not once per message."""
+        self.stats[f"rejected.{reason}"] += 1
+        if key in self._logged_ids or len(self._logged_ids) >= _MAX_LOGGED_IDS:
+            return
+        self._logged_ids.add(key)
+        log.warning("rejected %s: %s (logged once per ID)", (what or reason), _shown(key))
+
+    def _emit(self, transition: Transition) -> None:
+        self._outbox.append(transition)
+        self._outbox_wake.set()
+        if transition.new is State.ALIVE:
+            self._rearm.set()  # a revived runtime may now have the earliest deadline
+        if transition.event == "dead":
+            log.warning("%s is dead: %s", transition.runtime_id, transition.reason)
+        elif transition.event:
+            log.info("%s %s: %s", transition.runtime_id, transition.event, transition.reason)
+
+    # --- registrar -------------------------------------------------------------
+
+    async def _registrar(self) -> None:
+        while True:
+            batch = [await self._requests.get()]
+            while len(batch) < _REQUEST_BATCH and not self._requests.empty():
+                batch.append(self._requests.get_nowait())
+            try:
+                await self._register_batch(batch)
+            except Exception:
+                log.exception("registration batch failed")
+
+    async def _register_batch(self, batch: list[_Request]) -> None:
+        accepted: list[tuple[_Request, protocol.IntervalRequest | None]] = []
+        for req in batch:
+            try:
+                protocol.check_id(req.runtime_id)
+                interval = protocol.decode_interval(req.payload, limit=self.config.max_payload)
+            except ProtocolError as exc:
+                self._reject(exc.reason, req.runtime_id, f"interval request: {exc}")
+                if not req.retained:
+                    await self._reply(req, protocol.encode_reply_error(_shown_id(req.runtime_id), str(exc)))
+                continue
+            if req.retained and interval is not None and req.runtime_id in self.detector:
+                view = self.detector.view(req.runtime_id)
+                if (view.interval, view.grace) == (interval.interval, interval.grace):
+                    continue  # the re-delivered copy of what the database already has
+            accepted.append((req, interval))
+        if not accepted:
+            return
+        registrations = {r.runtime_id: (r.runtime_id, i.interval, i.grace) for r, i in accepted if i is not None}
+        removals = [r.runtime_id for r, i in accepted if i is None]
+        try:
+            if registrations:
+                await self._db(self.store.register, list(registrations.values()), time.time())
+            if removals:
+                await self._db(self.store.deregister, removals)
+        except Exception as exc:
+            self.stats["rejected.database"] += len(accepted)
+            log.error("database refused %d registrations: %s", len(accepted), exc)
+            for req, _ in accepted:
+                if not req.retained:
+                    error = "the orchestrator's database is unavailable; try again"
+                    await self._reply(req, protocol.encode_reply_error(req.runtime_id, error))
+            return
+        now = time.monotonic()
+        for req, interval in accepted:
+            rid = req.runtime_id
+            if interval is None:
+                if self.detector.deregister(rid):
+                    log.info("%s deregistered", rid)
+                self._status_due.add(rid)
+            else:
+                transition = self.detector.register(rid, interval.interval, interval.grace, now, live=not req.retained)
+                self._status_due.add(rid)
+                if transition is not None:
+                    self._emit(transition)
+            if not req.retained:
+                self.stats["registrations"] += 1
+                await self._reply(req, protocol.encode_reply_ok(rid, interval))
+        self._rearm.set()
+        self._outbox_wake.set()
+
+    async def _reply(self, req: _Request, payload: bytes) -> None:
+        client = self._client
+        if client is None:
+            return
+        try:
+            if protocol.is_valid_id(req.runtime_id):
+                await client.publish(self.topics.reply(req.runtime_id), payload, qos=1)
+            if req.response_topic is not None:
+                props = Properties(PacketTypes.PUBLISH)
+                if req.correlation is not None:
+                    props.CorrelationData = req.correlation
+                await client.publish(req.response_topic, payload, qos=1, properties=props)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not reply to %s: %s", _shown(req.runtime_id), exc)
+
+    # --- watcher -------------------------------------------------------------
+
+    async def _watcher(self) -> None:
+        """Sleep until the next deadline (or until re-armed), then collect verdicts."""
+        while True:
+            deadline = self.detector.next_deadline()
+            delay = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rearm.wait(), delay)
+            self._rearm.clear()
+            for transition in self.detector.expire(time.monotonic()):
+                self._emit(transition)
+
+    # --- publisher -----------------------------------------------------------
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._outbox_wake.wait()
+            self._outbox_wake.clear()
+            client = self._client
+            if client is None:
+                continue  # re-woken on connect
+            try:
+                await self._publish_due(client)
+            except aiomqtt.MqttError as exc:
+                log.warning("publishing paused, broker connection lost: %s", exc)
+
+    async def _publish_due(self, client: aiomqtt.Client) -> None:
+        """Commit the outbox (bounded wait), then publish statuses and alerts, in order."""
+        batch, self._outbox = self._outbox, []
+        due, self._status_due = self._status_due, set()
+        if batch:
+            committed = self._submit_flips(batch)
+            try:
+                await asyncio.wait_for(asyncio.shield(committed), self.config.db_timeout)
+            except TimeoutError:
+                log.warning("database slow: publishing %d transitions before it confirms them", len(batch))
+        due.update(t.runtime_id for t in batch)
+        alerts = self._unsent_alerts + [t for t in batch if t.event is not None]
+        self._unsent_alerts = []
+        publishes = [self._publish_status(client, rid) for rid in due]
+        publishes += [self._publish_alert(client, t) for t in alerts]
+        try:
+            for start in range(0, len(publishes), 1000):
+                await asyncio.gather(*publishes[start : start + 1000])
+        except BaseException:
+            # Not sent (already committed): keep it for the next connection, ahead of anything newer.
+            for coro in publishes:
+                if asyncio.iscoroutine(coro):
+                    coro.close()
+            self._unsent_alerts = alerts + self._unsent_alerts
+            self._status_due |= due
+            raise
+        self.stats["alerts"] += len(alerts)
+
+    def _publish_status(self, client: aiomqtt.Client, runtime_id: str) -> Awaitable[None]:
+        topic = self.topics.status(runtime_id)
+        if runtime_id not in self.detector:
+            return client.publish(topic, b"", qos=1, retain=True)  # clears the retained status
+        view = self.detector.view(runtime_id)
+        payload = protocol.encode_status(
+            runtime_id,
+            state=view.state.value,  # type: ignore[arg-type]
+            interval=view.interval,
+            grace=view.grace,
+            last_seen=self.clock.wall_or_none(view.last_seen),
+            since=self.clock.wall(view.since),
+            reason=view.reason,
+        )
+        return client.publish(topic, payload, qos=1, retain=True)
+
+    def _publish_alert(self, client: aiomqtt.Client, t: Transition) -> Awaitable[None]:
+        assert t.event is not None
+        payload = protocol.encode_alert(
+            t.event,
+            t.runtime_id,
+            at=self.clock.wall(t.at),
+            last_seen=self.clock.wall_or_none(t.last_seen),
+            reason=t.reason,
+        )
+        return client.publish(self.topics.alerts, payload, qos=1)
+
+    # --- writer: the database thread's queue --------------------------------
+
+    def _submit_flips(self, batch: list[Transition]) -> asyncio.Future[None]:
+        wall = self.clock.wall
+        self._pending_flips.extend(
+            FlipRow(
+                t.runtime_id,
+                t.old.value,
+                t.new.value,
+                t.event,
+                t.reason,
+                wall(t.at),
+                self.clock.wall_or_none(t.last_seen),
+            )
+            for t in batch
+        )
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flip_waiters.append(future)
+        self._writer_wake.set()
+        return future
+
+    async def _flusher(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.flush_interval)
+            self._flush_seen = True
+            self._writer_wake.set()
+
+    async def _writer(self) -> None:
+        backoff = 0.5
+        while True:
+            await self._writer_wake.wait()
+            self._writer_wake.clear()
+            if await self._write_once():
+                backoff = 0.5
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                self._writer_wake.set()
+
+    async def _write_once(self) -> bool:
+        """One transaction with every pending flip (and the last-seen batch when due)."""
+        flips, self._pending_flips = self._pending_flips, []
+        waiters, self._flip_waiters = self._flip_waiters, []
+        seen: dict[str, float] = {}
+        if self._flush_seen:
+            self._flush_seen = False
+            wall = self.clock.wall
+            seen = {rid: wall(mono) for rid, mono in self.detector.take_seen().items()}
+        if not flips and not seen:
+            _resolve(waiters)
+            return True
+        try:
+            await self._db(self.store.record, flips, seen)
+        except Exception as exc:
+            log.error("database write failed (%d transitions kept for retry): %s", len(flips), exc)
+            self._pending_flips[:0] = flips
+            self._flip_waiters[:0] = waiters
+            if seen:
+                self._flush_seen = True
+                self._restore_seen(seen)
+            with contextlib.suppress(Exception):
+                await self._db(self.store.reconnect)
+            return False
+        _resolve(waiters)
+        return True
+
+    def _restore_seen(self, seen: dict[str, float]) -> None:
+        """Put back last-seen times a failed write did not store."""
+        self.detector.restore_seen({rid: self.clock.mono(wall) for rid, wall in seen.items()})
+
+    async def _final_flush(self) -> None:
+        self._flush_seen = True
+        try:
+            async with asyncio.timeout(10):
+                while not await self._write_once():
+                    await asyncio.sleep(0.5)
+        except TimeoutError:
+            log.error("database unavailable at shutdown: %d transitions not stored", len(self._pending_flips))
+        with contextlib.suppress(Exception):
+            await self._db(self.store.close)
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _resolve(waiters: list[asyncio.Future[None]]) -> None:
+    for future in waiters:
+        if not future.done():
+            future.set_result(None)
+
+
+def _response_to(properties: Properties | None) -> tuple[str | None, bytes | None]:
+    """The MQTT 5 Response Topic and Correlation Data of a request, if usable."""
+    if properties is None:
+        return None, None
+    topic = getattr(properties, "ResponseTopic", None)
+    correlation = getattr(properties, "CorrelationData", None)
+    if not isinstance(topic, str) or not topic or len(topic) > 1024 or "+" in topic or "#" in topic:
+        return None, None
+    return topic, correlation if isinstance(correlation, bytes) else None
+
+
+def _unsupported_version(exc: aiomqtt.MqttError) -> bool:
+    rc = getattr(exc, "rc", None)
+    return getattr(rc, "value", rc) in (1, 132)
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 80 else value[:77] + "...")
+
+
+def _shown_id(value: str) -> str:
+    return value if len(value) <= 200 else value[:200]
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"

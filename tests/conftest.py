@@ -12,9 +12,10 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,3 +113,23 @@ def pg_url() -> Iterator[str]:
 def sqlite_url(tmp_path: Path) -> str:
     """A SQLite database file in the test's own directory."""
     return f"sqlite:///{tmp_path / 'heartbeat.db'}"
+
+
+_MEASURED: list[str] = []
+
+
+@pytest.fixture
+def measure(request: pytest.FixtureRequest) -> Callable[[str, float, str], None]:
+    """Record a figure a test measured; all of them are printed at the end of the run."""
+
+    def record(name: str, value: float, unit: str) -> None:
+        _MEASURED.append(f"{request.node.nodeid}: {name} = {value:.3f} {unit}")
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _MEASURED:
+        terminalreporter.section("measured figures")
+        for line in _MEASURED:
+            terminalreporter.write_line(line)

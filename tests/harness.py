@@ -1,0 +1,317 @@
+"""Real processes for end-to-end tests: orchestrator, agents, and an MQTT observer.
+
+Everything here starts real things (``python -m orchestrator``, ``python -m
+runtime_agent``, Mosquitto) and talks to them over loopback only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from runtime_agent import protocol
+
+from .conftest import free_port, start_mosquitto, wait_for_port
+
+PREFIX = protocol.DEFAULT_PREFIX
+TOPICS = protocol.Topics(PREFIX)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retained: bool
+    at: float
+    """time.monotonic() when the observer received it."""
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Observer:
+    """A paho client subscribed to the whole tree, recording every message with its arrival time.
+
+    It reconnects (and resubscribes) by itself, so it survives an embedded
+    broker's restart.
+    """
+
+    def __init__(self, port: int, *, mqtt5: bool = False) -> None:
+        self.messages: list[Received] = []
+        self._cond = threading.Condition()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"observer-{os.getpid()}-{id(self)}",
+            protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
+        )
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(0.1, 0.5)
+        self._connected = threading.Event()
+        self._client.connect_async("127.0.0.1", port, keepalive=30)
+        self._client.loop_start()
+        if not self._connected.wait(15):
+            raise TimeoutError("observer could not connect")
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        client.subscribe(f"{PREFIX}/#", qos=1)
+        self._connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(Received(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic()))
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def wait_for(self, match: Callable[[Received], bool], timeout: float, *, after: float = 0.0) -> Received:
+        """The first message (received after ``after``) that matches; TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.messages:
+                    if m.at >= after and match(m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no matching message within {timeout} s")
+                self._cond.wait(left)
+
+    def alerts(self, runtime_id: str | None = None, event: str | None = None, *, after: float = 0.0) -> list[dict[str, Any]]:
+        with self._cond:
+            found = [m.json() for m in self.messages if m.topic == TOPICS.alerts and m.at >= after]
+        return [a for a in found if (runtime_id is None or a["id"] == runtime_id) and (event is None or a["event"] == event)]
+
+    def wait_alert(self, runtime_id: str, event: str, timeout: float, *, after: float = 0.0) -> Received:
+        def match(m: Received) -> bool:
+            if m.topic != TOPICS.alerts:
+                return False
+            alert = m.json()
+            return bool(alert["id"] == runtime_id and alert["event"] == event)
+
+        return self.wait_for(match, timeout, after=after)
+
+    def wait_status(self, runtime_id: str, state: str, timeout: float, *, after: float = 0.0) -> Received:
+        topic = TOPICS.status(runtime_id)
+        return self.wait_for(lambda m: m.topic == topic and bool(m.payload) and m.json()["state"] == state, timeout, after=after)
+
+
+class Runtime:
+    """A bare MQTT client acting as a runtime by hand, to send exactly what a test needs."""
+
+    def __init__(self, port: int, runtime_id: str, *, mqtt5: bool = False, will_session: int | None = None) -> None:
+        self.runtime_id = runtime_id
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"rt-{runtime_id}-{os.getpid()}"[:64],
+            protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
+        )
+        if will_session is not None:
+            self.client.will_set(TOPICS.state(runtime_id), protocol.encode_state("offline", will_session), 1, True)
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, **kw: Any) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, **kw)
+        if qos:
+            info.wait_for_publish(5)
+
+    def register(self, interval: float, grace: float | None = None) -> None:
+        self.publish(TOPICS.interval(self.runtime_id), protocol.encode_interval(interval, grace), retain=True)
+
+    def pulse(self, payload: bytes = b"") -> None:
+        self.publish(TOPICS.pulse(self.runtime_id), payload, qos=0)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@dataclass
+class OrchestratorProcess:
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    _log: Any = field(default=None, repr=False)
+
+    def start(self) -> OrchestratorProcess:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "run", *self.args], stdout=self._log, stderr=self._log, env=_env()
+        )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+            raise AssertionError(f"orchestrator did not stop within {timeout} s:\n{self.log()[-3000:]}") from None
+        finally:
+            if self._log:
+                self._log.close()
+
+
+class AgentProcess:
+    """``python -m runtime_agent`` as a user runs it; ``registered()`` waits for its confirmation line."""
+
+    def __init__(self, runtime_id: str, interval: float, port: int, *extra: str, grace: float | None = None) -> None:
+        args = ["--id", runtime_id, "--interval", str(interval), "--broker", f"mqtt://127.0.0.1:{port}", *extra]
+        if grace is not None:
+            args += ["--grace", str(grace)]
+        self.runtime_id = runtime_id
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runtime_agent", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(),
+        )
+        self.stdout: list[str] = []
+        self._registered = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode(errors="replace")
+            self.stdout.append(line)
+            if "registered" in line:
+                self._registered.set()
+
+    def registered(self, timeout: float = 15) -> None:
+        if not self._registered.wait(timeout):
+            err = self.process.stderr.read().decode() if self.process.poll() is not None and self.process.stderr else ""
+            raise TimeoutError(f"agent {self.runtime_id} did not register within {timeout} s: {self.stdout} {err}")
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(5)
+
+
+class Deployment:
+    """A broker (embedded in the orchestrator, or a Mosquitto of the test's own) plus a database URL."""
+
+    def __init__(self, kind: str, tmp_path: Path, db_url: str) -> None:
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.db_url = db_url
+        self.mosquitto = start_mosquitto(tmp_path) if kind == "mosquitto" else None
+        self.port = self.mosquitto.port if self.mosquitto else free_port()
+        self.orchestrators: list[OrchestratorProcess] = []
+        self.agents: list[AgentProcess] = []
+        self.runtimes: list[Runtime] = []
+        self._observer: Observer | None = None
+
+    @property
+    def mqtt5(self) -> bool:
+        """Mosquitto speaks MQTT 5; the embedded amqtt broker only 3.1.1."""
+        return self.kind == "mosquitto"
+
+    @property
+    def broker_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start_orchestrator(self, *extra: str, wait: bool = True) -> OrchestratorProcess:
+        if self.mosquitto:
+            args = ["--broker", self.broker_url]
+        else:
+            args = ["--listen", f"127.0.0.1:{self.port}"]
+        args += ["--db", self.db_url, "--log-level", "DEBUG", *extra]
+        proc = OrchestratorProcess(args, self.tmp_path / "orchestrator.log").start()
+        self.orchestrators.append(proc)
+        if wait:
+            self.wait_ready(proc)
+        return proc
+
+    def wait_ready(self, proc: OrchestratorProcess, timeout: float = 20) -> None:
+        """Ready means: the orchestrator's retained state says online, fresh from this process."""
+        started = time.monotonic()
+        wait_for_port(self.port, timeout)
+        observer = self.observer
+        try:
+            observer.wait_for(
+                lambda m: m.topic == TOPICS.orchestrator_state and m.json().get("state") == "online",
+                timeout,
+                after=started,
+            )
+        except TimeoutError:
+            raise AssertionError(f"orchestrator not ready within {timeout} s:\n{proc.log()[-3000:]}") from None
+
+    @property
+    def observer(self) -> Observer:
+        if self._observer is None:
+            self._observer = Observer(self.port)
+        return self._observer
+
+    def agent(self, runtime_id: str, interval: float, *extra: str, grace: float | None = None) -> AgentProcess:
+        agent = AgentProcess(runtime_id, interval, self.port, *extra, grace=grace)
+        self.agents.append(agent)
+        return agent
+
+    def runtime(self, runtime_id: str, **kw: Any) -> Runtime:
+        rt = Runtime(self.port, runtime_id, **kw)
+        self.runtimes.append(rt)
+        return rt
+
+    def status_json(self) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "status", "--db", self.db_url, "--json"],
+            capture_output=True,
+            env=_env(),
+            timeout=30,
+            check=True,
+        )
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+        for rt in self.runtimes:
+            rt.close()
+        if self._observer:
+            self._observer.close()
+        for proc in self.orchestrators:
+            if proc.alive:
+                proc.stop()
+        if self.mosquitto:
+            self.mosquitto.stop()

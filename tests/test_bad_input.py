@@ -1,0 +1,163 @@
+"""Bad input on every subscribed topic: the orchestrator keeps running and state is unchanged.
+
+Runs on both brokers against a real orchestrator process. Where a reply topic
+exists (interval requests with a valid ID), the reply says why.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .harness import TOPICS, Deployment
+
+pytestmark = pytest.mark.e2e
+
+BAD_INTERVAL_PAYLOADS = {
+    "malformed JSON": (b'{"interval": ', "not valid JSON"),
+    "not an object": (b"[1, 2]", "must be a JSON object"),
+    "string interval": (b'{"interval": "5"}', "must be a number"),
+    "bool interval": (b'{"interval": true}', "must be a number"),
+    "NaN": (b'{"interval": NaN}', "not valid JSON"),
+    "negative": (b'{"interval": -5}', "between 0.1 and 86400"),
+    "huge": (b'{"interval": 1e308}', "between 0.1 and 86400"),
+    "unknown field": (b'{"interval": 5, "intervall": 6}', "unknown field"),
+    "missing interval": (b'{"grace": 5}', "missing field"),
+    "bad UTF-8": (b'{"interval": "\xff\xfe"}', "not valid UTF-8"),
+    "1 MB": (b'{"interval": 5, "pad": "' + b"x" * 1_000_000 + b'"}', "exceeds"),
+}
+
+BAD_STATE_PAYLOADS = [
+    b"",
+    b"{",
+    b'"online"',
+    b'{"state": "zombie"}',
+    b'{"state": 1}',
+    b'{"state": "offline", "session": "abc"}',
+    b"\xff\xfe",
+    b'{"state": "offline", "pad": "' + b"x" * 1_000_000 + b'"}',
+]
+
+BAD_PULSE_PAYLOADS = [b"{", b"[]", b'{"seq": "one"}', b'{"session": -1}', b"\xff", b"x" * 1_000_000]
+
+BAD_IDS = ["", "a b", "ünïcode", "x" * 129, "x" * 10_000, "semi;colon", "quote'--", "a/b"]
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def watched(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> Iterator[Deployment]:
+    """An orchestrator watching two runtimes by hand: ``rt-alive`` (pulsing) and ``rt-dead`` (dead)."""
+    d = Deployment(request.param, tmp_path, sqlite_url)
+    try:
+        d.start_orchestrator()
+        dead = d.runtime("rt-dead")
+        dead.register(0.5, 0.5)
+        d.observer.wait_alert("rt-dead", "dead", 5)
+        alive = d.runtime("rt-alive")
+        alive.register(30.0, 30.0)
+        d.observer.wait_status("rt-alive", "alive", 5)
+        yield d
+    finally:
+        d.close()
+
+
+def _states(d: Deployment) -> dict[str, tuple[str, float, float]]:
+    return {row["id"]: (row["state"], row["interval"], row["grace"]) for row in d.status_json()}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INTERVAL_PAYLOADS))
+def test_bad_interval_request_gets_a_reply_saying_why(watched: Deployment, case: str) -> None:
+    payload, expected = BAD_INTERVAL_PAYLOADS[case]
+    started = time.monotonic()
+    watched.runtimes[1].publish(TOPICS.interval("rt-alive"), payload)
+    reply = watched.observer.wait_for(lambda m: m.topic == TOPICS.reply("rt-alive"), 10, after=started).json()
+    assert reply["ok"] is False
+    assert expected in reply["error"]
+    assert _states(watched)["rt-alive"] == ("alive", 30.0, 30.0)
+
+
+def test_bad_state_messages_change_nothing(watched: Deployment) -> None:
+    started = time.monotonic()
+    for payload in BAD_STATE_PAYLOADS:
+        watched.runtimes[1].publish(TOPICS.state("rt-alive"), payload)
+        watched.runtimes[1].publish(TOPICS.state("rt-dead"), payload)
+    time.sleep(0.5)
+    assert watched.orchestrators[-1].alive
+    assert watched.observer.alerts(after=started) == []
+    assert _states(watched) == {"rt-alive": ("alive", 30.0, 30.0), "rt-dead": ("dead", 0.5, 0.5)}
+
+
+def test_bad_pulses_do_not_revive_a_dead_runtime(watched: Deployment) -> None:
+    started = time.monotonic()
+    for payload in BAD_PULSE_PAYLOADS:
+        watched.runtimes[0].publish(TOPICS.pulse("rt-dead"), payload, qos=1)
+    time.sleep(0.5)
+    assert watched.orchestrators[-1].alive
+    assert watched.observer.alerts("rt-dead", after=started) == []
+    assert _states(watched)["rt-dead"][0] == "dead"
+
+
+def test_bad_ids_on_every_topic_are_rejected_and_counted(watched: Deployment) -> None:
+    started = time.monotonic()
+    sender = watched.runtime("sender")
+    for bad in BAD_IDS:
+        prefix = f"{TOPICS.prefix}/runtimes/{bad}"
+        sender.publish(f"{prefix}/interval", b'{"interval": 1}')
+        sender.publish(f"{prefix}/state", b'{"state": "online"}')
+        sender.publish(f"{prefix}/pulse", b"", qos=0)
+    time.sleep(0.5)
+    assert watched.orchestrators[-1].alive
+    assert watched.observer.alerts(after=started) == []
+    assert set(_states(watched)) == {"rt-alive", "rt-dead"}
+    orchestrator = watched.orchestrators[-1]
+    assert orchestrator.stop() == 0
+    summary = orchestrator.log().rsplit("stopped; pulses received", 1)[1]
+    assert "'rejected.bad_id'" in summary
+    assert "'rejected.unregistered'" in summary
+
+
+def _raw_publish(port: int, topic: str, payload: bytes) -> None:
+    """Send CONNECT + PUBLISH by hand: client libraries refuse wildcard topic names, attackers do not."""
+
+    def packet(kind: int, body: bytes) -> bytes:
+        size, encoded = len(body), b""
+        while True:
+            digit, size = size % 128, size // 128
+            encoded += bytes([digit | (0x80 if size else 0)])
+            if not size:
+                return bytes([kind]) + encoded + body
+
+    def string(s: bytes) -> bytes:
+        return struct.pack("!H", len(s)) + s
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(packet(0x10, string(b"MQTT") + b"\x04\x02\x00\x1e" + string(b"wildcard-attacker")))
+        sock.recv(4)
+        sock.sendall(packet(0x30, string(topic.encode()) + payload))
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("wildcard", ["+", "#", "a+b"])
+def test_wildcards_in_ids_never_reach_state(watched: Deployment, wildcard: str) -> None:
+    started = time.monotonic()
+    for kind, payload in (("interval", b'{"interval": 1}'), ("state", b'{"state": "offline"}'), ("pulse", b"")):
+        _raw_publish(watched.port, f"{TOPICS.prefix}/runtimes/{wildcard}/{kind}", payload)
+    time.sleep(0.3)
+    assert watched.orchestrators[-1].alive
+    assert watched.observer.alerts(after=started) == []
+    assert set(_states(watched)) == {"rt-alive", "rt-dead"}
+
+
+def test_still_serving_after_a_barrage(watched: Deployment) -> None:
+    sender = watched.runtime("barrage")
+    for payload in BAD_PULSE_PAYLOADS + BAD_STATE_PAYLOADS:
+        sender.publish(TOPICS.interval("rt-new"), payload)
+        sender.publish(TOPICS.pulse("rt-alive"), payload, qos=0)
+    started = time.monotonic()
+    agent = watched.agent("rt-after", 1.0)
+    agent.registered()
+    watched.observer.wait_status("rt-after", "alive", 5, after=started)

@@ -1,0 +1,250 @@
+"""End to end, with real processes, on the embedded amqtt broker and on a Mosquitto of the test's own.
+
+Each test runs twice (``[embedded]`` and ``[mosquitto]``): the orchestrator is
+``python -m orchestrator run``, agents are ``python -m runtime_agent``, and
+an observer subscribed to ``heartbeat/v1/#`` sees what an administrator or a
+dashboard would.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime_agent import protocol
+
+from .harness import TOPICS, Deployment
+
+pytestmark = pytest.mark.e2e
+
+INTERVAL = 0.5
+GRACE = 0.5
+Measure = Callable[[str, float, str], None]
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> Iterator[Deployment]:
+    """A running orchestrator on SQLite, with its broker (embedded, or the test's own Mosquitto)."""
+    d = Deployment(request.param, tmp_path, sqlite_url)
+    try:
+        d.start_orchestrator()
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def mosquitto_deployment(tmp_path: Path, sqlite_url: str) -> Iterator[Deployment]:
+    """A running orchestrator on the test's own Mosquitto, for what needs MQTT 5 or a broker that outlives it."""
+    d = Deployment("mosquitto", tmp_path, sqlite_url)
+    try:
+        d.start_orchestrator()
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def pg_deployment(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Deployment]:
+    """The same, with the database on the machine's PostgreSQL (a fresh database per test)."""
+    d = Deployment(request.param, tmp_path, pg_url)
+    try:
+        d.start_orchestrator()
+        yield d
+    finally:
+        d.close()
+
+
+def _state_of(d: Deployment, runtime_id: str) -> str:
+    rows = {row["id"]: row for row in d.status_json()}
+    return str(rows[runtime_id]["state"])
+
+
+def test_registration_is_confirmed_and_stored(deployment: Deployment) -> None:
+    started = time.monotonic()
+    agent = deployment.agent("rt-reg", INTERVAL)
+    agent.registered()
+    reply = deployment.observer.wait_for(lambda m: m.topic == TOPICS.reply("rt-reg"), 5, after=started).json()
+    assert reply == {"ok": True, "id": "rt-reg", "interval": INTERVAL, "grace": INTERVAL}
+    deployment.observer.wait_status("rt-reg", "alive", 5, after=started)
+    assert _state_of(deployment, "rt-reg") == "alive"
+
+
+def test_bad_interval_gets_an_error_reply(deployment: Deployment) -> None:
+    rt = deployment.runtime("rt-bad-interval")
+    started = time.monotonic()
+    rt.publish(TOPICS.interval("rt-bad-interval"), b'{"interval": 0.01}')
+    reply = deployment.observer.wait_for(lambda m: m.topic == TOPICS.reply("rt-bad-interval"), 5, after=started).json()
+    assert reply["ok"] is False
+    assert "interval must be between 0.1 and 86400" in reply["error"]
+    assert all(row["id"] != "rt-bad-interval" for row in deployment.status_json())
+
+
+def test_agent_refuses_a_bad_interval_with_the_orchestrators_reason(deployment: Deployment) -> None:
+    """The agent validates locally first; --grace 0 is out of range and says so."""
+    agent = deployment.agent("rt-bad-grace", INTERVAL, grace=0)
+    assert agent.process.wait(15) == 2
+    assert agent.process.stderr is not None
+    assert "grace must be between 0.1 and 86400" in agent.process.stderr.read().decode()
+
+
+def test_bad_id_is_rejected_with_a_reply_on_the_response_topic(mosquitto_deployment: Deployment) -> None:
+    """A bad ID never builds a topic: the reply goes to the MQTT 5 Response Topic.
+
+    Mosquitto only: the embedded amqtt broker speaks MQTT 3.1.1, which has no
+    Response Topic, so there a bad ID can only be logged and counted.
+    """
+    deployment = mosquitto_deployment
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    rt = deployment.runtime("helper", mqtt5=True)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ResponseTopic = f"{protocol.DEFAULT_PREFIX}/test/replies/helper"
+    props.CorrelationData = b"req-1"
+    started = time.monotonic()
+    rt.publish(f"{protocol.DEFAULT_PREFIX}/runtimes/bad id!/interval", b'{"interval": 1}', properties=props)
+    reply = deployment.observer.wait_for(lambda m: m.topic == props.ResponseTopic, 5, after=started)
+    assert reply.json()["ok"] is False
+    assert "invalid runtime id" in reply.json()["error"]
+
+
+def test_agent_with_a_bad_id_fails_before_connecting(deployment: Deployment) -> None:
+    agent = deployment.agent("bad id!", INTERVAL)
+    assert agent.process.wait(15) == 2
+    assert agent.process.stderr is not None
+    assert "invalid runtime id" in agent.process.stderr.read().decode()
+
+
+def test_pulses_keep_a_runtime_alive(deployment: Deployment) -> None:
+    started = time.monotonic()
+    agent = deployment.agent("rt-steady", INTERVAL)
+    agent.registered()
+    time.sleep(6 * (INTERVAL + GRACE))
+    assert deployment.observer.alerts("rt-steady", after=started) == []
+    assert _state_of(deployment, "rt-steady") == "alive"
+
+
+def test_sigkill_gives_dead_via_the_will_well_before_the_deadline(deployment: Deployment, measure: Measure) -> None:
+    interval = 3.0  # long, so the will path and the deadline path cannot be confused
+    agent = deployment.agent("rt-killed", interval)
+    agent.registered()
+    time.sleep(0.3)
+    killed = time.monotonic()
+    agent.signal(signal.SIGKILL)
+    alert = deployment.observer.wait_alert("rt-killed", "dead", 2 * interval, after=killed)
+    elapsed = alert.at - killed
+    measure(f"SIGKILL to dead alert ({deployment.kind})", elapsed, "s")
+    assert alert.json()["reason"] == "connection lost"
+    assert elapsed < interval / 2
+
+
+def test_connected_but_silent_runtime_is_dead_within_interval_plus_grace(
+    deployment: Deployment, measure: Measure
+) -> None:
+    rt = deployment.runtime("rt-silent")
+    started = time.monotonic()
+    rt.register(INTERVAL, GRACE)
+    deployment.observer.wait_status("rt-silent", "alive", 5, after=started)
+    for _ in range(3):
+        rt.pulse()
+        time.sleep(INTERVAL / 2)
+    rt.pulse()
+    last_pulse = time.monotonic()
+    alert = deployment.observer.wait_alert("rt-silent", "dead", INTERVAL + GRACE + 2, after=last_pulse)
+    silence = alert.at - last_pulse
+    measure(f"last pulse to dead alert, interval+grace={INTERVAL + GRACE} ({deployment.kind})", silence, "s")
+    assert INTERVAL + GRACE - 0.05 <= silence <= INTERVAL + GRACE + 0.5
+    assert alert.json()["reason"].startswith("no pulse for")
+
+
+def test_graceful_stop_gives_stopped_and_no_dead_alert(deployment: Deployment) -> None:
+    agent = deployment.agent("rt-stop", INTERVAL)
+    agent.registered()
+    started = time.monotonic()
+    assert agent.stop() == 0
+    deployment.observer.wait_alert("rt-stop", "stopped", 5, after=started)
+    time.sleep(3 * (INTERVAL + GRACE))
+    assert deployment.observer.alerts("rt-stop", "dead", after=started) == []
+    assert _state_of(deployment, "rt-stop") == "stopped"
+
+
+def test_pulsing_again_gives_recovered(deployment: Deployment) -> None:
+    rt = deployment.runtime("rt-back")
+    started = time.monotonic()
+    rt.register(INTERVAL, GRACE)
+    rt.pulse()
+    deployment.observer.wait_alert("rt-back", "dead", 5, after=started)
+    revived = time.monotonic()
+    rt.pulse()
+    alert = deployment.observer.wait_alert("rt-back", "recovered", 5, after=revived)
+    assert alert.json()["reason"] == "pulse received"
+    deployment.observer.wait_status("rt-back", "alive", 5, after=revived)
+
+
+def test_unregistered_pulses_are_dropped_and_logged_once(deployment: Deployment) -> None:
+    rt = deployment.runtime("rt-stranger")
+    for _ in range(20):
+        rt.pulse()
+    time.sleep(0.5)
+    log = deployment.orchestrators[-1].log()
+    assert log.count("pulse from unregistered runtime") == 1
+    assert all(row["id"] != "rt-stranger" for row in deployment.status_json())
+
+
+def test_orchestrator_restart_loses_no_state_and_raises_no_false_alert(deployment: Deployment) -> None:
+    agents = [deployment.agent(f"rt-keep-{i}", INTERVAL) for i in range(3)]
+    for agent in agents:
+        agent.registered()
+    dead = deployment.runtime("rt-was-dead")
+    dead.register(INTERVAL, GRACE)
+    deployment.observer.wait_alert("rt-was-dead", "dead", 5)
+    time.sleep(1.5)  # let a last-seen flush happen
+    before = {row["id"]: row for row in deployment.status_json()}
+
+    restarted = time.monotonic()
+    assert deployment.orchestrators[-1].stop() == 0
+    deployment.start_orchestrator()
+    time.sleep(4 * (INTERVAL + GRACE))
+
+    assert deployment.observer.alerts(after=restarted) == []
+    after = {row["id"]: row for row in deployment.status_json()}
+    assert set(after) == set(before)
+    assert {rid: row["state"] for rid, row in after.items()} == {
+        **{f"rt-keep-{i}": "alive" for i in range(3)},
+        "rt-was-dead": "dead",
+    }
+    assert after["rt-was-dead"]["since"] == before["rt-was-dead"]["since"]
+
+
+def test_sigterm_stops_cleanly(deployment: Deployment) -> None:
+    assert deployment.orchestrators[-1].stop(signal.SIGTERM) == 0
+    assert "stopped; pulses received" in deployment.orchestrators[-1].log()
+
+
+def test_sigterm_publishes_offline_orchestrator_state(mosquitto_deployment: Deployment) -> None:
+    started = time.monotonic()
+    assert mosquitto_deployment.orchestrators[-1].stop(signal.SIGTERM) == 0
+    state = mosquitto_deployment.observer.wait_for(lambda m: m.topic == TOPICS.orchestrator_state, 5, after=started)
+    assert state.json() == {"state": "offline"}
+
+
+def test_postgresql_registration_death_and_restart(pg_deployment: Deployment) -> None:
+    d = pg_deployment
+    agent = d.agent("rt-pg", INTERVAL)
+    agent.registered()
+    killed = time.monotonic()
+    agent.signal(signal.SIGKILL)
+    d.observer.wait_alert("rt-pg", "dead", 5, after=killed)
+    time.sleep(0.3)
+    assert _state_of(d, "rt-pg") == "dead"
+    restarted = time.monotonic()
+    assert d.orchestrators[-1].stop() == 0
+    d.start_orchestrator()
+    time.sleep(2 * (INTERVAL + GRACE))
+    assert d.observer.alerts(after=restarted) == []
+    assert _state_of(d, "rt-pg") == "dead"

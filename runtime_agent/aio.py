@@ -1,0 +1,415 @@
+"""The asyncio runtime agent, on aiomqtt 2.5.
+
+Same protocol behaviour as :class:`runtime_agent.Agent`, for programs that
+already run an event loop::
+
+    async with AsyncAgent("worker-1", interval=5) as agent:
+        ...  # pulses go out in the background until the block ends
+
+aiomqtt takes the will in the client's constructor, so every connection
+gets a new client (and with it a new session number and will). One task
+owns the connection from start to stop; ``start()`` and ``stop()`` only
+signal it, which keeps connect, reconnect and shutdown in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Self
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+
+from . import protocol
+from .agent import (
+    DEFAULT_BROKER,
+    STOP_PUBLISH_TIMEOUT,
+    AgentSettings,
+    CheckLog,
+    new_session,
+    next_pulse_at,
+    parse_reply,
+    rejection_text,
+)
+from .exceptions import ConnectError, HeartbeatError, RegistrationRejected, RegistrationTimeout
+
+log = logging.getLogger("runtime_agent")
+_mqtt_log = logging.getLogger("runtime_agent.mqtt")
+
+
+class AsyncAgent:
+    """Registers a runtime with the orchestrator and pulses from an asyncio task.
+
+    ``await start()`` (or ``async with``) returns once the orchestrator
+    accepted the interval, or raises :class:`ConnectError`,
+    :class:`RegistrationTimeout` or :class:`RegistrationRejected` within
+    ``timeout`` seconds. The agent then pulses and reconnects on its own
+    until ``stop()``.
+
+    ``check`` may return a bool or an awaitable of one. It runs on the event
+    loop, so a blocking check should hand its work to a thread itself
+    (``asyncio.to_thread``).
+    """
+
+    def __init__(
+        self,
+        runtime_id: str,
+        *,
+        interval: float,
+        grace: float | None = None,
+        broker: str = DEFAULT_BROKER,
+        prefix: str = protocol.DEFAULT_PREFIX,
+        timeout: float = 10.0,
+        client_id: str | None = None,
+        keepalive: int | None = None,
+        tls_ca: str | None = None,
+        check: Callable[[], bool | Awaitable[bool]] | None = None,
+        reconnect_min: float = 0.5,
+        reconnect_max: float = 5.0,
+    ) -> None:
+        self._settings = AgentSettings.build(
+            runtime_id,
+            interval=interval,
+            grace=grace,
+            broker=broker,
+            prefix=prefix,
+            timeout=timeout,
+            client_id=client_id,
+            keepalive=keepalive,
+            tls_ca=tls_ca,
+            reconnect_min=reconnect_min,
+            reconnect_max=reconnect_max,
+        )
+        self._check = check
+        self._check_log = CheckLog(self._settings.runtime_id)
+        self._task: asyncio.Task[None] | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._session: int | None = None
+        self._connected = False
+        self._registered = False
+        self._rejected = False
+        self._reply: protocol.Reply | None = None
+        self._pulses_sent = 0
+
+    # --- public API ----------------------------------------------------------
+
+    @property
+    def runtime_id(self) -> str:
+        return self._settings.runtime_id
+
+    @property
+    def broker(self) -> str:
+        """The broker URL, without password."""
+        return self._settings.url
+
+    @property
+    def interval(self) -> float:
+        return self._settings.interval
+
+    @property
+    def registered(self) -> bool:
+        """True while the orchestrator's latest reply on the current connection was ok."""
+        return self._registered
+
+    @property
+    def session(self) -> int | None:
+        """The session number of the current (or latest) connection."""
+        return self._session
+
+    @property
+    def pulses_sent(self) -> int:
+        return self._pulses_sent
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def reply(self) -> protocol.Reply | None:
+        """The orchestrator's latest reply, with the interval and grace it applied."""
+        return self._reply
+
+    async def start(self) -> None:
+        """Connect, register and start pulsing; raises a :class:`HeartbeatError` on failure."""
+        if self._task is not None:
+            raise RuntimeError("an AsyncAgent can be started only once; create a new one")
+        loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        started: asyncio.Future[None] = loop.create_future()
+        task = loop.create_task(self._run(started), name=f"runtime-agent-{self._settings.runtime_id}")
+        self._task = task
+        try:
+            await started
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.wait([task])
+            raise
+        except BaseException:
+            # The task has settled ``started`` and is cleaning up: let it finish.
+            await asyncio.wait([task])
+            raise
+
+    async def stop(self) -> None:
+        """Publish ``stopped``, wait for the broker to confirm it, then disconnect cleanly. Idempotent."""
+        task = self._task
+        if task is None or task.done() or self._stop_requested is None:
+            return
+        self._stop_requested.set()
+        # Shielded: if our caller is cancelled, the shutdown still completes.
+        await asyncio.shield(task)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # --- the connection task -------------------------------------------------
+
+    async def _run(self, started: asyncio.Future[None]) -> None:
+        """Connect, reconnect with backoff, and serve each connection until stop is requested."""
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.timeout
+        delay = settings.reconnect_min
+        outage = False  # a lost connection was reported: don't report each failed retry again
+        try:
+            while not self._stopping():
+                first = not started.done()
+                session = new_session()
+                client = self._make_client(session, deadline if first else None)
+                try:
+                    async with client:
+                        delay = settings.reconnect_min
+                        outage = False
+                        await self._serve(client, session, started if first else None, deadline)
+                        return
+                except MqttConnectError as exc:
+                    if first:
+                        _settle(started, ConnectError(f"the broker at {settings.url} refused the connection: {exc}"))
+                        return
+                    log.error("the broker at %s refused the connection: %s; retrying in %g s", settings.url, exc, delay)
+                except aiomqtt.MqttError as exc:
+                    if first and loop.time() + delay >= deadline:
+                        _settle(started, ConnectError(settings.connect_message(exc)))
+                        return
+                    level = logging.INFO if first else logging.DEBUG if outage else logging.WARNING
+                    log.log(level, "connection to %s failed or lost: %s; retrying in %g s", settings.url, exc, delay)
+                    outage = not first
+                except HeartbeatError as exc:
+                    _settle(started, exc)
+                    return
+                finally:
+                    self._connected = False
+                    self._registered = False
+                try:
+                    await asyncio.wait_for(self._wait_stop(), delay)
+                except TimeoutError:
+                    delay = min(delay * 2, settings.reconnect_max)
+        except Exception as exc:
+            if not _settle(started, exc):
+                log.exception("the agent task of %s failed", settings.runtime_id)
+        finally:
+            _settle(started, HeartbeatError("the agent was stopped while starting"))
+
+    def _make_client(self, session: int, deadline: float | None) -> aiomqtt.Client:
+        settings = self._settings
+        address = settings.address
+        timeout = settings.timeout
+        if deadline is not None:
+            timeout = max(0.1, deadline - asyncio.get_running_loop().time())
+        will = aiomqtt.Will(
+            settings.topics.state(settings.runtime_id),
+            protocol.encode_state("offline", session),
+            qos=1,
+            retain=True,
+        )
+        client = aiomqtt.Client(
+            address.host,
+            address.port,
+            username=address.username,
+            password=address.password,
+            identifier=settings.client_id,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            will=will,
+            clean_session=True,
+            keepalive=settings.keepalive,
+            timeout=timeout,
+            tls_params=aiomqtt.TLSParameters(ca_certs=settings.tls_ca) if address.tls else None,
+            logger=_mqtt_log,
+        )
+        # Bound the TCP connect too; aiomqtt exposes no option for it.
+        client._client.connect_timeout = min(timeout, 5.0)
+        return client
+
+    async def _serve(
+        self,
+        client: aiomqtt.Client,
+        session: int,
+        started: asyncio.Future[None] | None,
+        deadline: float,
+    ) -> None:
+        """Announce this connection, then pulse and read replies until stop (returns) or loss (raises MqttError)."""
+        settings = self._settings
+        rid = settings.runtime_id
+        self._session = session
+        self._connected = True
+        self._rejected = False
+        log.info("connected to %s (session %s)", settings.url, session)
+        if self._stopping():
+            return
+        # Subscribed first, so the orchestrator's reply cannot arrive before we listen.
+        await client.subscribe(settings.topics.reply(rid), qos=1)
+        await client.publish(settings.topics.state(rid), protocol.encode_state("online", session), qos=1, retain=True)
+        await client.publish(
+            settings.topics.interval(rid),
+            protocol.encode_interval(settings.interval, settings.grace),
+            qos=1,
+            retain=True,
+        )
+        if started is not None:
+            try:
+                reply = await self._first_reply(client, deadline)
+            except HeartbeatError:
+                await self._publish_stopped(client, session)
+                raise
+            # The first client was built with what was left of the start timeout; from now on it is long-lived.
+            client.timeout = settings.timeout
+            if not _settle(started):
+                # start() was cancelled meanwhile: nobody is there to stop us.
+                await self._publish_stopped(client, session)
+                return
+            log.info(
+                "runtime %s registered on %s (interval %g s, grace %s)",
+                rid,
+                settings.url,
+                reply.interval if reply.interval is not None else settings.interval,
+                reply.grace if reply.grace is not None else "default",
+            )
+        tasks = [
+            asyncio.create_task(self._read_replies(client)),
+            asyncio.create_task(self._pulse_loop(client, session)),
+            asyncio.create_task(self._wait_stop()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks[2] in done:
+            await self._publish_stopped(client, session)
+            return
+        for task in done:
+            if (error := task.exception()) is not None:
+                raise error
+        raise aiomqtt.MqttError("the message stream ended")
+
+    async def _first_reply(self, client: aiomqtt.Client, deadline: float) -> protocol.Reply:
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for message in client.messages:
+                    reply = self._take_reply(message)
+                    if reply is None:
+                        continue
+                    if not reply.ok:
+                        raise RegistrationRejected(rejection_text(reply))
+                    return reply
+        except TimeoutError:
+            raise RegistrationTimeout(self._settings.timeout_message()) from None
+        raise aiomqtt.MqttError("the message stream ended")
+
+    async def _read_replies(self, client: aiomqtt.Client) -> None:
+        """Handle later replies, e.g. to the request re-sent after a reconnect; raises MqttError on loss."""
+        settings = self._settings
+        async for message in client.messages:
+            reply = self._take_reply(message)
+            if reply is None:
+                continue
+            if reply.ok:
+                log.info("runtime %s registered again (session %s)", settings.runtime_id, self._session)
+            else:
+                log.error(
+                    "the orchestrator rejected the registration of %s: %s; withholding pulses",
+                    settings.runtime_id,
+                    rejection_text(reply),
+                )
+
+    def _take_reply(self, message: aiomqtt.Message) -> protocol.Reply | None:
+        settings = self._settings
+        if message.topic.value != settings.topics.reply(settings.runtime_id):
+            return None
+        payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
+        reply = parse_reply(settings, payload, message.retain)
+        if reply is not None:
+            self._reply = reply
+            self._registered = reply.ok
+            self._rejected = not reply.ok
+        return reply
+
+    async def _pulse_loop(self, client: aiomqtt.Client, session: int) -> None:
+        """Pulse on a monotonic schedule from the start of this connection; never raises MqttError."""
+        settings = self._settings
+        topic = settings.topics.pulse(settings.runtime_id)
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if not self._rejected and await self._run_check() and not self._rejected:
+                try:
+                    await client.publish(topic, protocol.encode_pulse(self._pulses_sent, session), qos=0)
+                    self._pulses_sent += 1
+                except aiomqtt.MqttError as exc:
+                    log.debug("pulse not sent: %s", exc)
+            due = next_pulse_at(due, settings.interval, loop.time())
+
+    async def _run_check(self) -> bool:
+        if self._check is None:
+            return True
+        try:
+            result = self._check()
+            if inspect.isawaitable(result):
+                result = await result
+            return self._check_log.record(bool(result))
+        except Exception as exc:
+            return self._check_log.record(False, exc)
+
+    async def _publish_stopped(self, client: aiomqtt.Client, session: int) -> None:
+        settings = self._settings
+        try:
+            await client.publish(
+                settings.topics.state(settings.runtime_id),
+                protocol.encode_state("stopped", session),
+                qos=1,
+                retain=True,
+                timeout=min(settings.timeout, STOP_PUBLISH_TIMEOUT),
+            )
+        except aiomqtt.MqttError as exc:
+            log.warning("the broker did not confirm the stopped state (%s); the will may report offline instead", exc)
+
+    def _stopping(self) -> bool:
+        return self._stop_requested is not None and self._stop_requested.is_set()
+
+    async def _wait_stop(self) -> None:
+        assert self._stop_requested is not None
+        await self._stop_requested.wait()
+
+
+def _settle(started: asyncio.Future[None], error: BaseException | None = None) -> bool:
+    """Decide the outcome of ``start()`` once; False if it was already decided (or cancelled)."""
+    if started.done():
+        return False
+    if error is None:
+        started.set_result(None)
+    else:
+        started.set_exception(error)
+    return True

@@ -1,0 +1,156 @@
+"""``heartbeat-agent``: run the thread agent for one runtime until SIGTERM or SIGINT.
+
+A thin layer over :class:`runtime_agent.Agent`. Exit status: 0 after a
+graceful stop, 1 when the agent could not start (broker, orchestrator), 2
+for bad arguments. Errors are one line on stderr; the single stdout line
+announces a successful registration, so scripts and tests can wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from . import __version__, protocol
+from .agent import DEFAULT_BROKER, Agent
+from .exceptions import HeartbeatError
+
+PROG = "heartbeat-agent"
+log = logging.getLogger("runtime_agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Register a runtime with the heartbeat orchestrator over MQTT and pulse until stopped.",
+    )
+    parser.add_argument("--id", required=True, help="runtime ID: 1-128 characters of A-Z a-z 0-9 . _ - :")
+    parser.add_argument("--interval", required=True, type=float, metavar="S", help="seconds between pulses")
+    parser.add_argument(
+        "--grace", type=float, metavar="S", help="extra seconds before the runtime counts as dead (default: interval)"
+    )
+    parser.add_argument(
+        "--broker", default=DEFAULT_BROKER, metavar="URL", help=f"mqtt:// or mqtts:// URL (default: {DEFAULT_BROKER})"
+    )
+    parser.add_argument(
+        "--prefix", default=protocol.DEFAULT_PREFIX, help=f"topic prefix (default: {protocol.DEFAULT_PREFIX})"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to connect and get the orchestrator's reply (default: 10)",
+    )
+    parser.add_argument(
+        "--check",
+        metavar="CMD",
+        help="shell command run before each pulse; the pulse is sent only if it exits 0 (time limit: the interval)",
+    )
+    parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate file for mqtts:// (default: system CAs)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level on stderr (default: INFO)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def shell_check(command: str, timeout: float) -> Callable[[], bool]:
+    """A check that runs ``command`` through the shell and passes when it exits 0 within ``timeout``."""
+
+    def check() -> bool:
+        try:
+            result = subprocess.run(
+                command, shell=True, timeout=timeout, stdin=subprocess.DEVNULL, capture_output=True, check=False
+            )
+        except subprocess.TimeoutExpired:
+            log.debug("check %r did not finish within %g s", command, timeout)
+            return False
+        if result.returncode != 0:
+            log.debug("check %r exited %d: %s", command, result.returncode, result.stderr.decode(errors="replace"))
+        return result.returncode == 0
+
+    return check
+
+
+class _Interrupted(BaseException):
+    """Raised by the signal handler to abandon a start that is still waiting."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        agent = Agent(
+            args.id,
+            interval=args.interval,
+            grace=args.grace,
+            broker=args.broker,
+            prefix=args.prefix,
+            timeout=args.timeout,
+            tls_ca=args.tls_ca,
+            check=shell_check(args.check, args.interval) if args.check else None,
+        )
+    except ValueError as exc:
+        return _error(exc, 2)
+
+    stop = threading.Event()
+    starting = True
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        if starting:
+            raise _Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            agent.start()
+        except HeartbeatError as exc:
+            return _error(exc, 1)
+        except _Interrupted:
+            log.info("interrupted before registration completed")
+            return 0
+        starting = False
+        _announce(agent, args)
+        stop.wait()
+        agent.stop()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _announce(agent: Agent, args: argparse.Namespace) -> None:
+    """The one stdout line: what the orchestrator accepted (its reply), falling back to what we asked for."""
+    reply = agent.reply
+    interval = _seconds(reply.interval if reply else None, agent.interval)
+    grace = _seconds(reply.grace if reply else None, args.grace or interval)
+    print(
+        f"{PROG}: runtime {agent.runtime_id} registered (interval {interval:g} s, grace {grace:g} s) "
+        f"on {agent.broker}; pulsing",
+        flush=True,
+    )
+
+
+def _seconds(value: object, fallback: float) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return fallback
+
+
+def _error(error: BaseException, status: int) -> int:
+    print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+    return status

@@ -1,0 +1,707 @@
+"""The runtime agent against a real Mosquitto and a fake orchestrator.
+
+There is no orchestrator in these tests: ``FakeOrchestrator`` is a plain
+paho client on the test's own broker that answers interval requests (ok or
+error) and records every state message and pulse, so each test can check
+exactly what an orchestrator would see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from runtime_agent import Agent, AsyncAgent, ConnectError, RegistrationRejected, RegistrationTimeout, protocol
+from runtime_agent.agent import default_client_id, next_pulse_at
+
+from .conftest import MosquittoBroker, free_port, start_mosquitto
+
+TOPICS = protocol.Topics()
+ROOT = Path(__file__).resolve().parent.parent
+INTERVAL = 0.2
+
+
+# --- a fake orchestrator -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    kind: str
+    """``interval``, ``state`` or ``pulse``."""
+    runtime_id: str
+    payload: bytes
+    at: float
+    """time.monotonic() at receipt."""
+
+    @property
+    def state(self) -> protocol.StateMessage:
+        return protocol.decode_state(self.payload)
+
+    @property
+    def pulse(self) -> protocol.Pulse:
+        return protocol.decode_pulse(self.payload)
+
+
+class FakeOrchestrator:
+    """Answers interval requests with ok (or ``error``, if given) and records what runtimes publish.
+
+    It reconnects and resubscribes by itself, so it survives a broker restart.
+    """
+
+    def __init__(self, port: int, *, error: str | None = None) -> None:
+        self.error = error
+        self.seen: list[Seen] = []
+        self._cond = threading.Condition()
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"fake-orchestrator-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv311
+        )
+        self._client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = lambda *args: self._subscribed.set()
+        self._client.on_message = self._on_message
+        self._client.connect("127.0.0.1", port, keepalive=10)
+        self._client.loop_start()
+        if not self._subscribed.wait(5):
+            raise TimeoutError("the fake orchestrator could not subscribe")
+
+    def _on_connect(self, client: mqtt.Client, *args: Any) -> None:
+        client.subscribe(TOPICS.subscriptions())
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        parsed = TOPICS.parse(message.topic)
+        if parsed is None:
+            return
+        kind, rid = parsed
+        payload = bytes(message.payload)
+        with self._cond:
+            self.seen.append(Seen(kind, rid, payload, time.monotonic()))
+            self._cond.notify_all()
+        if kind == "interval" and payload:
+            request = protocol.decode_interval(payload)
+            if self.error is None:
+                reply = protocol.encode_reply_ok(rid, request)
+            else:
+                reply = protocol.encode_reply_error(rid, self.error)
+            client.publish(TOPICS.reply(rid), reply, qos=1)
+
+    def wait_for(self, predicate: Callable[[Seen], bool], timeout: float = 5.0) -> Seen:
+        """The first message (seen so far or arriving within ``timeout``) that matches."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for seen in self.seen:
+                    if predicate(seen):
+                        return seen
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no matching message within {timeout} s; seen: {self.seen}")
+                self._cond.wait(remaining)
+
+    async def await_for(self, predicate: Callable[[Seen], bool], within: float = 5.0) -> Seen:
+        """``wait_for`` for async tests: polls, so the event loop (and the agent on it) keeps running."""
+        deadline = time.monotonic() + within
+        while True:
+            with self._cond:
+                found = next((seen for seen in self.seen if predicate(seen)), None)
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no matching message within {within} s; seen: {self.seen}")
+            await asyncio.sleep(0.02)
+
+    def of(self, kind: str, runtime_id: str) -> list[Seen]:
+        with self._cond:
+            return [seen for seen in self.seen if seen.kind == kind and seen.runtime_id == runtime_id]
+
+    def states(self, runtime_id: str) -> list[protocol.StateMessage]:
+        return [seen.state for seen in self.of("state", runtime_id)]
+
+    def pulses(self, runtime_id: str) -> list[Seen]:
+        return self.of("pulse", runtime_id)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def state_is(state: str, runtime_id: str, session: int | None = None) -> Callable[[Seen], bool]:
+    def match(seen: Seen) -> bool:
+        if seen.kind != "state" or seen.runtime_id != runtime_id:
+            return False
+        message = seen.state
+        return message.state == state and (session is None or message.session == session)
+
+    return match
+
+
+def pulse_of(runtime_id: str, session: int | None = None) -> Callable[[Seen], bool]:
+    def match(seen: Seen) -> bool:
+        return (
+            seen.kind == "pulse"
+            and seen.runtime_id == runtime_id
+            and (session is None or seen.pulse.session == session)
+        )
+
+    return match
+
+
+def retained(port: int, topic: str, timeout: float = 3.0) -> bytes | None:
+    """The message the broker retains on ``topic``, read by a fresh subscriber; None if there is none."""
+    got: list[bytes] = []
+    done = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"reader-{uuid.uuid4().hex[:8]}")
+
+    def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.retain:
+            got.append(bytes(message.payload))
+            done.set()
+
+    client.on_connect = lambda client, *args: client.subscribe(topic, qos=1)
+    client.on_subscribe = lambda *args: threading.Timer(0.5, done.set).start()
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        done.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got[0] if got else None
+
+
+def runtime_id() -> str:
+    return f"rt-{uuid.uuid4().hex[:8]}"
+
+
+# --- fixtures ----------------------------------------------------------------
+
+
+@pytest.fixture
+def orchestrator(mosquitto: MosquittoBroker) -> Iterator[FakeOrchestrator]:
+    """A fake orchestrator on the test's broker that accepts every interval."""
+    fake = FakeOrchestrator(mosquitto.port)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def rejecting_orchestrator(mosquitto: MosquittoBroker) -> Iterator[FakeOrchestrator]:
+    """A fake orchestrator that answers every interval request with an error."""
+    fake = FakeOrchestrator(mosquitto.port, error="interval below this deployment's minimum of 1 s")
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def make_agent(mosquitto: MosquittoBroker) -> Iterator[Callable[..., Agent]]:
+    """Builds thread agents on the test's broker (not started); stops them all afterwards."""
+    agents: list[Agent] = []
+
+    def make(rid: str | None = None, **options: Any) -> Agent:
+        options.setdefault("interval", INTERVAL)
+        options.setdefault("broker", mosquitto.url)
+        options.setdefault("timeout", 5.0)
+        agent = Agent(rid or runtime_id(), **options)
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.stop()
+
+
+@pytest.fixture
+def started_agent(make_agent: Callable[..., Agent], orchestrator: FakeOrchestrator) -> Agent:
+    """A thread agent registered with the fake orchestrator and pulsing every 0.2 s."""
+    agent = make_agent()
+    agent.start()
+    return agent
+
+
+class AgentProcess:
+    """``python -m runtime_agent`` as users run it; stdout lines are collected as they come."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self._log = log.open("wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runtime_agent", *args],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            cwd=ROOT,
+        )
+        self.lines: list[str] = []
+        self._registered = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.log_path = log
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            if " registered " in line:
+                self._registered.set()
+
+    def wait_registered(self, timeout: float = 10.0) -> str:
+        if not self._registered.wait(timeout):
+            raise AssertionError(f"agent did not register: {self.lines} {self.stderr()}")
+        return self.lines[0]
+
+    def stderr(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Starts ``python -m runtime_agent`` with the given arguments; kills leftovers afterwards."""
+    processes: list[AgentProcess] = []
+
+    def run(*args: str) -> AgentProcess:
+        process = AgentProcess(list(args), tmp_path / f"agent-{len(processes)}.log")
+        processes.append(process)
+        return process
+
+    yield run
+    for process in processes:
+        process.close()
+
+
+# --- pure helpers ------------------------------------------------------------
+
+
+def test_pulse_schedule_does_not_drift() -> None:
+    assert next_pulse_at(10.0, 0.5, 10.1) == 10.5
+
+
+def test_late_pulse_goes_out_once_instead_of_a_burst() -> None:
+    assert next_pulse_at(10.0, 0.5, 12.3) == 12.3
+
+
+def test_default_client_id_fits_64_characters_and_keeps_long_ids_apart() -> None:
+    assert default_client_id("web-1") == "hb-agent-web-1"
+    long_a, long_b = "a" * 120 + "x", "a" * 120 + "y"
+    assert len(default_client_id(long_a)) == 64
+    assert default_client_id(long_a) != default_client_id(long_b)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"interval": 0.01}, {"interval": float("nan")}, {"interval": 1, "grace": -1}, {"interval": 1, "timeout": 0}],
+)
+def test_bad_options_raise_value_error_before_any_network_io(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        Agent("web-1", broker="mqtt://127.0.0.1:1", **options)
+
+
+def test_bad_id_raises_protocol_error_before_any_network_io() -> None:
+    with pytest.raises(protocol.ProtocolError, match="invalid runtime id"):
+        Agent("no spaces allowed", interval=1, broker="mqtt://127.0.0.1:1")
+
+
+def test_bad_broker_url_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="invalid broker URL"):
+        Agent("web-1", interval=1, broker="http://127.0.0.1")
+
+
+# --- the thread agent ----------------------------------------------------------
+
+
+@pytest.mark.timeout(20)
+def test_start_announces_online_with_the_agents_session(started_agent: Agent, orchestrator: FakeOrchestrator) -> None:
+    assert started_agent.session is not None
+    orchestrator.wait_for(state_is("online", started_agent.runtime_id, started_agent.session))
+
+
+@pytest.mark.timeout(20)
+def test_start_leaves_the_interval_request_retained(
+    make_agent: Callable[..., Agent], mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator
+) -> None:
+    agent = make_agent(interval=0.5, grace=1.5)
+    agent.start()
+    payload = retained(mosquitto.port, TOPICS.interval(agent.runtime_id))
+    assert payload is not None
+    assert protocol.decode_interval(payload) == protocol.IntervalRequest(0.5, 1.5)
+
+
+@pytest.mark.timeout(20)
+def test_start_returns_registered_with_the_orchestrators_reply(started_agent: Agent) -> None:
+    assert started_agent.registered
+    assert started_agent.connected
+    assert started_agent.reply is not None
+    assert (started_agent.reply.ok, started_agent.reply.interval) == (True, INTERVAL)
+
+
+@pytest.mark.timeout(20)
+def test_pulses_arrive_every_interval_with_increasing_seq(started_agent: Agent, orchestrator: FakeOrchestrator) -> None:
+    rid = started_agent.runtime_id
+    orchestrator.wait_for(lambda seen: pulse_of(rid)(seen) and seen.pulse.seq == 7)
+    pulses = orchestrator.pulses(rid)[:8]
+    assert [p.pulse.seq for p in pulses] == list(range(8))
+    assert {p.pulse.session for p in pulses} == {started_agent.session}
+    gaps = [b.at - a.at for a, b in itertools.pairwise(pulses)]
+    assert 0.8 * INTERVAL < sum(gaps) / len(gaps) < 1.3 * INTERVAL, gaps
+    assert all(0.02 < gap < 3 * INTERVAL for gap in gaps), gaps
+    assert started_agent.pulses_sent >= 8
+
+
+@pytest.mark.timeout(20)
+def test_rejection_raises_registration_rejected_with_the_error_text(
+    make_agent: Callable[..., Agent], rejecting_orchestrator: FakeOrchestrator
+) -> None:
+    agent = make_agent()
+    with pytest.raises(RegistrationRejected) as caught:
+        agent.start()
+    assert caught.value.error == "interval below this deployment's minimum of 1 s"
+    assert not agent.connected
+
+
+@pytest.mark.timeout(20)
+def test_without_orchestrator_start_times_out_within_timeout(make_agent: Callable[..., Agent]) -> None:
+    agent = make_agent(timeout=1.0)
+    began = time.monotonic()
+    with pytest.raises(RegistrationTimeout, match="orchestrator running"):
+        agent.start()
+    assert time.monotonic() - began < 2.5
+    assert not agent.connected
+
+
+@pytest.mark.timeout(20)
+def test_unreachable_broker_raises_connect_error_naming_the_url() -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    agent = Agent(runtime_id(), interval=INTERVAL, broker=url, timeout=1.0, reconnect_min=0.1)
+    began = time.monotonic()
+    with pytest.raises(ConnectError, match=url):
+        agent.start()
+    assert time.monotonic() - began < 2.5
+
+
+@pytest.mark.timeout(20)
+def test_stop_leaves_stopped_retained_and_no_will(
+    started_agent: Agent, orchestrator: FakeOrchestrator, mosquitto: MosquittoBroker
+) -> None:
+    rid, session = started_agent.runtime_id, started_agent.session
+    started_agent.stop()
+    payload = retained(mosquitto.port, TOPICS.state(rid))
+    assert payload is not None
+    assert protocol.decode_state(payload) == protocol.StateMessage("stopped", session)
+    time.sleep(0.3)
+    assert [state.state for state in orchestrator.states(rid)] == ["online", "stopped"]
+
+
+@pytest.mark.timeout(20)
+def test_stop_ends_the_pulses(started_agent: Agent, orchestrator: FakeOrchestrator) -> None:
+    rid = started_agent.runtime_id
+    orchestrator.wait_for(pulse_of(rid))
+    started_agent.stop()
+    count = len(orchestrator.pulses(rid))
+    time.sleep(3 * INTERVAL)
+    assert len(orchestrator.pulses(rid)) == count
+    assert not started_agent.connected
+
+
+@pytest.mark.timeout(20)
+def test_stop_is_idempotent(started_agent: Agent, orchestrator: FakeOrchestrator) -> None:
+    started_agent.stop()
+    started_agent.stop()
+    assert [state.state for state in orchestrator.states(started_agent.runtime_id)] == ["online", "stopped"]
+
+
+@pytest.mark.timeout(20)
+def test_context_manager_starts_and_stops(make_agent: Callable[..., Agent], orchestrator: FakeOrchestrator) -> None:
+    with make_agent() as agent:
+        assert agent.registered
+    orchestrator.wait_for(state_is("stopped", agent.runtime_id, agent.session))
+
+
+@pytest.mark.timeout(20)
+def test_failing_check_withholds_pulses(make_agent: Callable[..., Agent], orchestrator: FakeOrchestrator) -> None:
+    def broken() -> bool:
+        raise RuntimeError("disk full")
+
+    agent = make_agent(check=broken)
+    agent.start()
+    time.sleep(5 * INTERVAL)
+    assert orchestrator.pulses(agent.runtime_id) == []
+    assert agent.pulses_sent == 0
+
+
+@pytest.mark.timeout(30)
+def test_broker_restart_reconnects_with_a_new_session_and_registers_again(
+    make_agent: Callable[..., Agent], orchestrator: FakeOrchestrator, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    agent = make_agent(reconnect_min=0.1, reconnect_max=0.5)
+    agent.start()
+    rid, first_session = agent.runtime_id, agent.session
+    mosquitto.stop()
+    restarted = start_mosquitto(tmp_path, port=mosquitto.port)
+    try:
+        online = orchestrator.wait_for(
+            lambda seen: state_is("online", rid)(seen) and seen.state.session != first_session, timeout=10
+        )
+        new_session = online.state.session
+        assert new_session == agent.session
+        orchestrator.wait_for(pulse_of(rid, new_session), timeout=5)
+        deadline = time.monotonic() + 5
+        while not agent.registered and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.registered
+        assert protocol.decode_interval(retained(restarted.port, TOPICS.interval(rid)) or b"") is not None
+    finally:
+        agent.stop()
+        restarted.stop()
+
+
+# --- the command line ------------------------------------------------------------
+
+
+def cli_args(broker: MosquittoBroker, rid: str, *extra: str) -> list[str]:
+    return ["--id", rid, "--interval", str(INTERVAL), "--broker", broker.url, "--timeout", "5", *extra]
+
+
+@pytest.mark.timeout(30)
+def test_cli_prints_one_registration_line(
+    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator
+) -> None:
+    rid = runtime_id()
+    line = run_cli(*cli_args(mosquitto, rid)).wait_registered()
+    assert line == (
+        f"heartbeat-agent: runtime {rid} registered (interval {INTERVAL:g} s, grace {INTERVAL:g} s) "
+        f"on {mosquitto.url}; pulsing"
+    )
+
+
+@pytest.mark.timeout(30)
+def test_sigkill_makes_the_broker_publish_the_will_with_the_online_session(
+    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator
+) -> None:
+    rid = runtime_id()
+    agent = run_cli(*cli_args(mosquitto, rid))
+    agent.wait_registered()
+    session = orchestrator.wait_for(state_is("online", rid)).state.session
+    agent.process.kill()
+    orchestrator.wait_for(state_is("offline", rid, session), timeout=5)
+    payload = retained(mosquitto.port, TOPICS.state(rid))
+    assert payload is not None
+    assert protocol.decode_state(payload) == protocol.StateMessage("offline", session)
+
+
+@pytest.mark.timeout(30)
+def test_will_follows_the_new_session_after_a_reconnect(
+    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator, tmp_path: Path
+) -> None:
+    rid = runtime_id()
+    agent = run_cli(*cli_args(mosquitto, rid))
+    agent.wait_registered()
+    first = orchestrator.wait_for(state_is("online", rid)).state.session
+    mosquitto.stop()
+    restarted = start_mosquitto(tmp_path, port=mosquitto.port)
+    try:
+        online = orchestrator.wait_for(
+            lambda seen: state_is("online", rid)(seen) and seen.state.session != first, timeout=10
+        )
+        agent.process.kill()
+        orchestrator.wait_for(state_is("offline", rid, online.state.session), timeout=5)
+    finally:
+        restarted.stop()
+
+
+@pytest.mark.timeout(30)
+def test_cli_sigterm_publishes_stopped_and_exits_0(
+    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator
+) -> None:
+    rid = runtime_id()
+    agent = run_cli(*cli_args(mosquitto, rid))
+    agent.wait_registered()
+    session = orchestrator.wait_for(state_is("online", rid)).state.session
+    agent.process.send_signal(signal.SIGTERM)
+    assert agent.process.wait(10) == 0
+    orchestrator.wait_for(state_is("stopped", rid, session))
+    time.sleep(0.3)
+    assert [state.state for state in orchestrator.states(rid)] == ["online", "stopped"]
+
+
+@pytest.mark.timeout(30)
+def test_cli_check_false_withholds_pulses(
+    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator
+) -> None:
+    rid = runtime_id()
+    run_cli(*cli_args(mosquitto, rid, "--check", "false")).wait_registered()
+    time.sleep(5 * INTERVAL)
+    assert orchestrator.pulses(rid) == []
+
+
+@pytest.mark.timeout(30)
+def test_cli_check_true_lets_pulses_through(
+    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator
+) -> None:
+    rid = runtime_id()
+    run_cli(*cli_args(mosquitto, rid, "--check", "true")).wait_registered()
+    orchestrator.wait_for(lambda seen: pulse_of(rid)(seen) and seen.pulse.seq == 2)
+
+
+@pytest.mark.timeout(30)
+def test_cli_without_orchestrator_exits_1_with_one_error_line(
+    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker
+) -> None:
+    agent = run_cli("--id", runtime_id(), "--interval", "1", "--broker", mosquitto.url, "--timeout", "0.5")
+    assert agent.process.wait(10) == 1
+    errors = [line for line in agent.stderr().splitlines() if line.startswith("heartbeat-agent: error:")]
+    assert len(errors) == 1
+    assert "orchestrator running" in errors[0]
+    assert agent.lines == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--id", "bad id", "--interval", "1"], "invalid runtime id"),
+        (["--id", "web-1", "--interval", "0"], "interval must be between"),
+        (["--id", "web-1", "--interval", "1", "--broker", "localhost:1883"], "did you mean"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_error_line(
+    run_cli: Callable[..., AgentProcess], args: list[str], message: str
+) -> None:
+    agent = run_cli(*args)
+    assert agent.process.wait(10) == 2
+    lines = agent.stderr().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("heartbeat-agent: error: ")
+    assert message in lines[0]
+
+
+# --- the asyncio agent -----------------------------------------------------------
+
+
+@pytest.mark.timeout(20)
+def test_async_start_announces_online_and_registers(mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator) -> None:
+    async def scenario() -> None:
+        async with AsyncAgent(runtime_id(), interval=INTERVAL, broker=mosquitto.url, timeout=5) as agent:
+            assert agent.registered
+            assert agent.connected
+            await orchestrator.await_for(state_is("online", agent.runtime_id, agent.session))
+            payload = await asyncio.to_thread(retained, mosquitto.port, TOPICS.interval(agent.runtime_id))
+            assert payload is not None
+            assert protocol.decode_interval(payload) == protocol.IntervalRequest(INTERVAL, INTERVAL)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(20)
+def test_async_pulses_arrive_every_interval_with_increasing_seq(
+    mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator
+) -> None:
+    async def scenario() -> None:
+        async with AsyncAgent(runtime_id(), interval=INTERVAL, broker=mosquitto.url, timeout=5) as agent:
+            rid = agent.runtime_id
+            await orchestrator.await_for(lambda seen: pulse_of(rid)(seen) and seen.pulse.seq == 5)
+            pulses = orchestrator.pulses(rid)[:6]
+            assert [p.pulse.seq for p in pulses] == list(range(6))
+            assert {p.pulse.session for p in pulses} == {agent.session}
+            gaps = [b.at - a.at for a, b in itertools.pairwise(pulses)]
+            assert 0.8 * INTERVAL < sum(gaps) / len(gaps) < 1.3 * INTERVAL, gaps
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(20)
+def test_async_stop_leaves_stopped_retained_and_no_will(
+    mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator
+) -> None:
+    agent = AsyncAgent(runtime_id(), interval=INTERVAL, broker=mosquitto.url, timeout=5)
+
+    async def scenario() -> None:
+        async with agent:
+            pass
+        await agent.stop()  # idempotent
+
+    asyncio.run(scenario())
+    payload = retained(mosquitto.port, TOPICS.state(agent.runtime_id))
+    assert payload is not None
+    assert protocol.decode_state(payload) == protocol.StateMessage("stopped", agent.session)
+    time.sleep(0.3)
+    assert [state.state for state in orchestrator.states(agent.runtime_id)] == ["online", "stopped"]
+
+
+@pytest.mark.timeout(20)
+def test_async_rejection_raises_registration_rejected(
+    mosquitto: MosquittoBroker, rejecting_orchestrator: FakeOrchestrator
+) -> None:
+    async def scenario() -> None:
+        async with AsyncAgent(runtime_id(), interval=INTERVAL, broker=mosquitto.url, timeout=5):
+            pytest.fail("start should have raised")
+
+    with pytest.raises(RegistrationRejected) as caught:
+        asyncio.run(scenario())
+    assert caught.value.error == "interval below this deployment's minimum of 1 s"
+
+
+@pytest.mark.timeout(20)
+def test_async_without_orchestrator_times_out_within_timeout(mosquitto: MosquittoBroker) -> None:
+    agent = AsyncAgent(runtime_id(), interval=INTERVAL, broker=mosquitto.url, timeout=1.0)
+    began = time.monotonic()
+    with pytest.raises(RegistrationTimeout, match="orchestrator running"):
+        asyncio.run(agent.start())
+    assert time.monotonic() - began < 2.5
+    assert not agent.connected
+
+
+@pytest.mark.timeout(20)
+def test_async_unreachable_broker_raises_connect_error() -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    agent = AsyncAgent(runtime_id(), interval=INTERVAL, broker=url, timeout=1.0, reconnect_min=0.1)
+    with pytest.raises(ConnectError, match=url):
+        asyncio.run(agent.start())
+
+
+@pytest.mark.timeout(30)
+def test_async_broker_restart_reconnects_with_a_new_session(
+    mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator, tmp_path: Path
+) -> None:
+    restarted: list[MosquittoBroker] = []
+
+    async def scenario() -> None:
+        agent = AsyncAgent(
+            runtime_id(), interval=INTERVAL, broker=mosquitto.url, timeout=5, reconnect_min=0.1, reconnect_max=0.5
+        )
+        async with agent:
+            rid, first_session = agent.runtime_id, agent.session
+            await asyncio.to_thread(mosquitto.stop)
+            restarted.append(await asyncio.to_thread(start_mosquitto, tmp_path, mosquitto.port))
+            online = await orchestrator.await_for(
+                lambda seen: state_is("online", rid)(seen) and seen.state.session != first_session, within=10
+            )
+            assert online.state.session == agent.session
+            await orchestrator.await_for(pulse_of(rid, agent.session), within=5)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for broker in restarted:
+            broker.stop()

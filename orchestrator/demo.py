@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ AGENTS = ("demo-a", "demo-b", "demo-c")
 
 
 def demo(*, interval: float = 1.0) -> int:
+    logging.basicConfig(level=logging.ERROR, format="   (%(name)s: %(message)s)")
     try:
         asyncio.run(_demo(interval))
     except (TimeoutError, RuntimeError, aiomqtt.MqttError) as exc:
@@ -87,7 +89,9 @@ async def _demo(interval: float) -> None:
                 _say(f"   alert: {json.dumps(alert)}")
                 await asyncio.sleep(0.2)
                 _say("\n" + _indent(format_table(orchestrator.rows(), now=time.time())) + "\n")
-            _say("5. Done. The same table any time: heartbeat-orchestrator status --db sqlite:///heartbeat.db")
+            _say("5. Done. For real: `heartbeat-orchestrator run`; on each host")
+            _say("   `heartbeat-agent --id ID --interval S --broker mqtt://HOST:1883`;")
+            _say("   and `heartbeat-orchestrator status` for the table.")
         finally:
             for proc in agents.values():
                 if proc.returncode is None:
@@ -119,6 +123,7 @@ async def _start_agent(runtime_id: str, interval: float, port: int) -> asyncio.s
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "runtime_agent",
         "--id", runtime_id, "--interval", str(interval), "--broker", f"mqtt://127.0.0.1:{port}",
+        "--log-level", "WARNING",
         stdout=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
 
@@ -133,10 +138,7 @@ async def _readline(proc: asyncio.subprocess.Process) -> str:
 
 async def _alert(client: aiomqtt.Client, runtime_id: str, event: str) -> dict[str, object]:
     async for message in client.messages:
-        payload = message.payload
-        if not isinstance(payload, bytes | bytearray):
-            continue
-        alert = json.loads(payload)
+        alert = json.loads(bytes(message.payload))
         if alert.get("id") == runtime_id and alert.get("event") == event:
             return alert  # type: ignore[no-any-return]
     raise RuntimeError("alert stream ended")

@@ -105,6 +105,7 @@ class Orchestrator:
         self._flush_seen = False
         self._writer_wake = asyncio.Event()
         self._logged_ids: set[str] = set()
+        self._early_sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
 
     # --- life cycle ----------------------------------------------------------
 
@@ -301,6 +302,9 @@ class Orchestrator:
                 self._reject("unknown_topic", topic)
                 return
         except NotRegistered:
+            if kind == "state" and message.state == "online" and not retained and protocol.is_valid_id(runtime_id):
+                self._remember_session(runtime_id, message.session)  # birth comes before registration
+                return
             self._reject("unregistered", runtime_id, f"{kind} from unregistered runtime")
             return
         except ProtocolError as exc:
@@ -308,6 +312,15 @@ class Orchestrator:
             return
         if transition is not None:
             self._emit(transition)
+
+    def _remember_session(self, runtime_id: str, session: int | None) -> None:
+        """Keep a birth's session until the interval request that follows it (bounded, oldest dropped)."""
+        if session is None:
+            return
+        self._early_sessions.pop(runtime_id, None)
+        self._early_sessions[runtime_id] = session
+        if len(self._early_sessions) > _MAX_LOGGED_IDS:
+            self._early_sessions.popitem(last=False)
 
     def _reject(self, reason: str, key: str, what: str | None = None) -> None:
         """Count a rejection; log it once per runtime ID (bounded), not once per message."""
@@ -381,6 +394,9 @@ class Orchestrator:
                 self._status_due.add(rid)
             else:
                 transition = self.detector.register(rid, interval.interval, interval.grace, now, live=not req.retained)
+                session = self._early_sessions.pop(rid, None)
+                if session is not None:
+                    self.detector.online(rid, now, session, live=False)  # records the session only
                 self._status_due.add(rid)
                 if transition is not None:
                     self._emit(transition)
@@ -398,7 +414,7 @@ class Orchestrator:
             if protocol.is_valid_id(req.runtime_id):
                 await client.publish(self.topics.reply(req.runtime_id), payload, qos=1)
             if req.response_topic is not None:
-                props = Properties(PacketTypes.PUBLISH)
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 if req.correlation is not None:
                     props.CorrelationData = req.correlation
                 await client.publish(req.response_topic, payload, qos=1, properties=props)
@@ -467,7 +483,7 @@ class Orchestrator:
         view = self.detector.view(runtime_id)
         payload = protocol.encode_status(
             runtime_id,
-            state=view.state.value,  # type: ignore[arg-type]
+            state=view.state.value,
             interval=view.interval,
             grace=view.grace,
             last_seen=self.clock.wall_or_none(view.last_seen),
@@ -561,7 +577,7 @@ class Orchestrator:
         self._flush_seen = True
         try:
             async with asyncio.timeout(10):
-                while not await self._write_once():
+                while not await self._write_once():  # noqa: ASYNC110 - retrying a failed write, not polling
                     await asyncio.sleep(0.5)
         except TimeoutError:
             log.error("database unavailable at shutdown: %d transitions not stored", len(self._pending_flips))

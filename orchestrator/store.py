@@ -146,7 +146,7 @@ class Store:
             .limit(limit)
             .tuples()
         )
-        return [FlipRow(*row) for row in query]
+        return [FlipRow(*row) for row in query.iterator()]
 
     def register(self, items: Sequence[tuple[str, float, float]], now: float) -> None:
         """Insert or update ``(id, interval, grace)`` rows in one transaction."""
@@ -207,8 +207,8 @@ class Store:
                 self._update_from(
                     [(f.runtime_id, f.new_state, f.at, f.reason) for f in chunk], ("state", "since", "reason")
                 )
-            for chunk in peewee.chunked(list(seen.items()), _BATCH):
-                self._update_from(chunk, ("last_seen",))
+            for pairs in peewee.chunked(list(seen.items()), _BATCH):
+                self._update_from(pairs, ("last_seen",))
         self.transactions += 1
 
     def _update_from(self, rows: Sequence[tuple[Any, ...]], columns: tuple[str, ...]) -> None:

@@ -98,10 +98,14 @@ class Observer:
                     raise TimeoutError(f"no matching message within {timeout} s")
                 self._cond.wait(left)
 
-    def alerts(self, runtime_id: str | None = None, event: str | None = None, *, after: float = 0.0) -> list[dict[str, Any]]:
+    def alerts(
+        self, runtime_id: str | None = None, event: str | None = None, *, after: float = 0.0
+    ) -> list[dict[str, Any]]:
         with self._cond:
             found = [m.json() for m in self.messages if m.topic == TOPICS.alerts and m.at >= after]
-        return [a for a in found if (runtime_id is None or a["id"] == runtime_id) and (event is None or a["event"] == event)]
+        return [
+            a for a in found if (runtime_id is None or a["id"] == runtime_id) and (event is None or a["event"] == event)
+        ]
 
     def wait_alert(self, runtime_id: str, event: str, timeout: float, *, after: float = 0.0) -> Received:
         def match(m: Received) -> bool:
@@ -114,7 +118,9 @@ class Observer:
 
     def wait_status(self, runtime_id: str, state: str, timeout: float, *, after: float = 0.0) -> Received:
         topic = TOPICS.status(runtime_id)
-        return self.wait_for(lambda m: m.topic == topic and bool(m.payload) and m.json()["state"] == state, timeout, after=after)
+        return self.wait_for(
+            lambda m: m.topic == topic and bool(m.payload) and m.json()["state"] == state, timeout, after=after
+        )
 
 
 class Runtime:
@@ -252,10 +258,7 @@ class Deployment:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start_orchestrator(self, *extra: str, wait: bool = True) -> OrchestratorProcess:
-        if self.mosquitto:
-            args = ["--broker", self.broker_url]
-        else:
-            args = ["--listen", f"127.0.0.1:{self.port}"]
+        args = ["--broker", self.broker_url] if self.mosquitto else ["--listen", f"127.0.0.1:{self.port}"]
         args += ["--db", self.db_url, "--log-level", "DEBUG", *extra]
         proc = OrchestratorProcess(args, self.tmp_path / "orchestrator.log").start()
         self.orchestrators.append(proc)

@@ -282,6 +282,12 @@ class Detector:
         seen, self._seen = self._seen, {}
         return seen
 
+    def restore_seen(self, seen: dict[str, float]) -> None:
+        """Give back times from :meth:`take_seen` that could not be stored; newer ones win."""
+        for runtime_id, last_seen in seen.items():
+            if runtime_id in self._runtimes:
+                self._seen.setdefault(runtime_id, last_seen)
+
     # --- internals -----------------------------------------------------------
 
     def _get(self, runtime_id: str) -> _Runtime:
@@ -318,4 +324,8 @@ class Detector:
     ) -> Transition:
         old = rt.state
         rt.state, rt.since, rt.reason = new, now, reason
+        if new not in _WATCHED:
+            # Drop its heap entry: it was armed for the interval of the time, which
+            # may shrink before the runtime is alive again, and _alive arms afresh.
+            rt.token = 0
         return Transition(runtime_id, old, new, now, rt.last_seen, reason, event)

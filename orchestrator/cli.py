@@ -16,7 +16,7 @@ from runtime_agent.protocol import status_dict
 
 from .broker import BrokerStartError
 from .config import Config, ConfigError, load_config
-from .store import RuntimeRow, Store
+from .store import RuntimeRow, Store, redact_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +100,10 @@ def status(config: Config, *, as_json: bool) -> int:
         store.open()
         rows = store.load()
     except Exception as exc:
-        print(f"heartbeat-orchestrator: error: cannot read the database {config.db}: {exc}", file=sys.stderr)
+        error = str(exc).replace(config.db, redact_url(config.db))
+        print(
+            f"heartbeat-orchestrator: error: cannot read the database {redact_url(config.db)}: {error}", file=sys.stderr
+        )
         return 1
     finally:
         store.close()

@@ -221,3 +221,12 @@ class Store:
         else:
             update = {name: values.c[name] for name in columns}
         Runtime.update(**update).from_(values).where(Runtime.id == values.c.rid).with_cte(values).execute()
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for logs and error messages."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"

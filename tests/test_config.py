@@ -1,0 +1,317 @@
+"""load_config: YAML file, then flag overrides, validated once into a frozen Config."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import Config, ConfigError, load_config
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "orchestrator.example.yaml"
+
+WriteConfig = Callable[[str], Path]
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> WriteConfig:
+    """Writes the given YAML text to a config file in the test's directory and returns its path."""
+
+    def write(text: str) -> Path:
+        path = tmp_path / "orchestrator.yaml"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def _without_client_id(config: Config) -> Config:
+    return dataclasses.replace(config, client_id="fixed")
+
+
+# --- defaults and sources ------------------------------------------------------
+
+
+def test_defaults_without_file_or_flags() -> None:
+    config = load_config()
+    assert config.broker is None
+    assert config.listen == "127.0.0.1:1883"
+    assert config.db == "sqlite:///heartbeat.db"
+    assert config.prefix == "heartbeat/v1"
+    assert config.mqtt_version == "auto"
+    assert config.keepalive == 30
+    assert config.tls_ca is None
+    assert config.flush_interval == 5.0
+    assert config.db_timeout == 2.0
+    assert config.max_payload == 65_536
+    assert config.reconnect_max == 10.0
+    assert config.log_level == "INFO"
+
+
+def test_default_client_id_is_a_fresh_orchestrator_name_per_load() -> None:
+    first, second = load_config().client_id, load_config().client_id
+    assert first.startswith("heartbeat-orchestrator-")
+    assert second.startswith("heartbeat-orchestrator-")
+    assert first != second
+
+
+def test_file_values_are_used(write_config: WriteConfig) -> None:
+    path = write_config(
+        "broker: mqtt://user:secret@mqtt.internal:1884\n"
+        "db: postgresql://heartbeat@db.internal:5432/heartbeat\n"
+        "prefix: site-a/heartbeat\n"
+        "client_id: orchestrator-1\n"
+        "keepalive: 60\n"
+        "flush_interval: 0.5\n"
+        "max_payload: 1024\n"
+        "log_level: debug\n"
+    )
+    config = load_config(path)
+    assert config.broker == "mqtt://user:secret@mqtt.internal:1884"
+    assert config.db == "postgresql://heartbeat@db.internal:5432/heartbeat"
+    assert config.prefix == "site-a/heartbeat"
+    assert config.client_id == "orchestrator-1"
+    assert config.keepalive == 60
+    assert config.flush_interval == 0.5
+    assert config.max_payload == 1024
+    assert config.log_level == "debug"
+
+
+def test_file_accepts_a_path_given_as_a_string(write_config: WriteConfig) -> None:
+    path = write_config("keepalive: 45\n")
+    assert load_config(str(path)).keepalive == 45
+
+
+def test_float_option_accepts_an_integer(write_config: WriteConfig) -> None:
+    assert load_config(write_config("flush_interval: 2\n")).flush_interval == 2
+
+
+def test_flags_override_the_file(write_config: WriteConfig) -> None:
+    path = write_config("broker: mqtt://from-file:1883\ndb: sqlite:///file.db\n")
+    config = load_config(path, broker="mqtt://from-flag:1883", db="sqlite:///flag.db")
+    assert config.broker == "mqtt://from-flag:1883"
+    assert config.db == "sqlite:///flag.db"
+
+
+def test_none_overrides_leave_the_file_value(write_config: WriteConfig) -> None:
+    path = write_config("db: sqlite:///file.db\nlisten: 127.0.0.1:18830\n")
+    config = load_config(path, db=None, listen=None, broker=None)
+    assert config.db == "sqlite:///file.db"
+    assert config.listen == "127.0.0.1:18830"
+    assert config.broker is None
+
+
+def test_none_override_leaves_the_default() -> None:
+    assert load_config(None, prefix=None).prefix == "heartbeat/v1"
+
+
+def test_empty_file_gives_the_defaults(write_config: WriteConfig) -> None:
+    assert _without_client_id(load_config(write_config(""))) == _without_client_id(load_config())
+
+
+def test_comment_only_file_gives_the_defaults(write_config: WriteConfig) -> None:
+    assert _without_client_id(load_config(write_config("# nothing yet\n"))) == _without_client_id(load_config())
+
+
+# --- the example file -----------------------------------------------------------
+
+
+def test_example_file_loads_to_the_defaults_except_client_id() -> None:
+    assert _without_client_id(load_config(EXAMPLE)) == _without_client_id(load_config())
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(Config)])
+def test_example_file_describes_every_option(name: str) -> None:
+    assert re.search(rf"^(# )?{name}:", EXAMPLE.read_text(), re.MULTILINE), f"{name} is missing from {EXAMPLE.name}"
+
+
+# --- file-level errors ------------------------------------------------------------
+
+
+def test_unknown_key_is_an_error_naming_it(write_config: WriteConfig) -> None:
+    with pytest.raises(ConfigError, match=r"unknown option.*flush_intervall"):
+        load_config(write_config("flush_intervall: 5\n"))
+
+
+def test_unknown_override_is_an_error_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"unknown option.*brokr"):
+        load_config(brokr="mqtt://localhost:1883")
+
+
+def test_top_level_list_is_an_error(write_config: WriteConfig) -> None:
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write_config("- broker: mqtt://localhost:1883\n"))
+
+
+def test_top_level_scalar_is_an_error(write_config: WriteConfig) -> None:
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write_config("mqtt://localhost:1883\n"))
+
+
+def test_invalid_yaml_is_an_error(write_config: WriteConfig) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write_config("broker: {mqtt://localhost:1883\n"))
+
+
+def test_missing_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match=re.escape(str(missing))):
+        load_config(missing)
+
+
+def test_config_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="keepalive"):
+        load_config(keepalive=1)
+
+
+# --- types ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "option"),
+    [
+        ("flush_interval: '5'\n", "flush_interval"),
+        ("keepalive: true\n", "keepalive"),
+        ("keepalive: 30.5\n", "keepalive"),
+        ("db: [sqlite:///a.db]\n", "db"),
+        ("broker: 1883\n", "broker"),
+        ("tls_ca: 5\n", "tls_ca"),
+        ("client_id: 17\n", "client_id"),
+        ("client_id: null\n", "client_id"),
+        ("max_payload: 64 KiB\n", "max_payload"),
+        ("log_level: 10\n", "log_level"),
+        ("mqtt_version: true\n", "mqtt_version"),
+        ("prefix: {a: b}\n", "prefix"),
+    ],
+)
+def test_wrong_type_is_an_error_naming_the_option(write_config: WriteConfig, yaml_text: str, option: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{option}: expected"):
+        load_config(write_config(yaml_text))
+
+
+def test_wrong_type_in_an_override_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"^keepalive: expected int"):
+        load_config(keepalive="30")
+
+
+# --- values ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("keepalive", 4),
+        ("keepalive", 3601),
+        ("flush_interval", 0.05),
+        ("flush_interval", 3601.0),
+        ("db_timeout", 0.0),
+        ("db_timeout", 61.0),
+        ("max_payload", 255),
+        ("max_payload", 16 * 1024 * 1024 + 1),
+        ("reconnect_max", 0.4),
+        ("reconnect_max", 301.0),
+        ("log_level", "LOUD"),
+    ],
+)
+def test_out_of_range_value_is_an_error_naming_the_option(option: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"^{option}:"):
+        load_config(None, **{option: value})
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("keepalive", 5),
+        ("keepalive", 3600),
+        ("flush_interval", 0.1),
+        ("db_timeout", 60.0),
+        ("max_payload", 256),
+        ("max_payload", 16 * 1024 * 1024),
+        ("reconnect_max", 0.5),
+        ("reconnect_max", 300.0),
+        ("log_level", "warning"),
+    ],
+)
+def test_boundary_value_is_accepted(option: str, value: object) -> None:
+    assert getattr(load_config(None, **{option: value}), option) == value
+
+
+@pytest.mark.parametrize("url", ["nonsense", "http://localhost:1883", "mqtt://", "mqtt://localhost:99999"])
+def test_bad_broker_url_is_an_error(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^broker:"):
+        load_config(broker=url)
+
+
+def test_bad_broker_url_error_hides_the_password() -> None:
+    with pytest.raises(ConfigError, match=r"^broker:") as raised:
+        load_config(broker="mqtt://admin:s3cret@mqtt.internal:1883/path")
+    assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["mqtt://localhost:1883", "mqtts://user:pw@broker.example:8883", "mqtt://[::1]:1883"])
+def test_good_broker_url_is_accepted(url: str) -> None:
+    assert load_config(broker=url).broker == url
+
+
+@pytest.mark.parametrize("listen", ["localhost", ":1883", "127.0.0.1:", "127.0.0.1:port", "127.0.0.1:0", "h:65536"])
+def test_bad_listen_address_is_an_error(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"^listen: expected HOST:PORT"):
+        load_config(listen=listen)
+
+
+def test_ipv6_listen_address_is_split_into_host_and_port() -> None:
+    assert load_config(listen="[::1]:18830").listen_address == ("::1", 18830)
+
+
+@pytest.mark.parametrize("db", ["mysql://user@host/db", "heartbeat.db", "sqlite://relative.db", ""])
+def test_bad_database_url_scheme_is_an_error(db: str) -> None:
+    with pytest.raises(ConfigError, match=r"^db: expected sqlite:///PATH or postgresql://"):
+        load_config(db=db)
+
+
+@pytest.mark.parametrize("db", ["sqlite:///x.db", "postgres://u@h/d", "postgresql://u:p@h:5432/d"])
+def test_supported_database_url_is_accepted(db: str) -> None:
+    assert load_config(db=db).db == db
+
+
+@pytest.mark.parametrize("prefix", ["site/+", "site/#", "/site", "site/", "", "a\0b"])
+def test_bad_prefix_is_an_error(prefix: str) -> None:
+    with pytest.raises(ConfigError, match=r"^prefix:"):
+        load_config(prefix=prefix)
+
+
+@pytest.mark.parametrize("version", ["4", "3.1", "v5", "AUTO"])
+def test_bad_mqtt_version_is_an_error(version: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape("mqtt_version: one of auto, 5, 3.1.1")):
+        load_config(mqtt_version=version)
+
+
+@pytest.mark.parametrize(("yaml_text", "expected"), [("mqtt_version: 5\n", "5"), ("mqtt_version: 5.0\n", "5")])
+def test_unquoted_mqtt_version_5_in_yaml_is_accepted(write_config: WriteConfig, yaml_text: str, expected: str) -> None:
+    assert load_config(write_config(yaml_text)).mqtt_version == expected
+
+
+def test_unquoted_mqtt_version_3_1_1_in_yaml_is_accepted(write_config: WriteConfig) -> None:
+    assert load_config(write_config("mqtt_version: 3.1.1\n")).mqtt_version == "3.1.1"
+
+
+def test_unquoted_unsupported_mqtt_version_in_yaml_is_an_error(write_config: WriteConfig) -> None:
+    with pytest.raises(ConfigError, match=r"^mqtt_version: one of .* got '4'$"):
+        load_config(write_config("mqtt_version: 4\n"))
+
+
+# --- frozen -------------------------------------------------------------------------
+
+
+def test_config_is_frozen() -> None:
+    config = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.keepalive = 60  # type: ignore[misc]
+
+
+def test_config_validates_on_direct_construction() -> None:
+    with pytest.raises(ConfigError, match=r"^keepalive:"):
+        Config(keepalive=1)

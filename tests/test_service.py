@@ -1,0 +1,255 @@
+"""Orchestrator.handle(): how each incoming message is routed, counted or rejected, without a broker.
+
+Messages are handed to ``handle()`` directly, inside an event loop of the
+test's own (``asyncio.run``). Registration through the interval topic needs
+the registrar, so those tests run the whole orchestrator against a broker URL
+that refuses connections: its workers run, it never connects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from orchestrator.config import Config
+from orchestrator.detector import State
+from orchestrator.service import Orchestrator
+from runtime_agent import protocol
+
+TOPICS = protocol.Topics()
+UNREACHABLE_BROKER = "mqtt://127.0.0.1:1"
+SESSION = 41
+OTHER_SESSION = 42
+
+
+@pytest.fixture
+def orchestrator(sqlite_url: str) -> Orchestrator:
+    """An Orchestrator on a SQLite file of the test's own, with a broker it never reaches; not running."""
+    return Orchestrator(Config(db=sqlite_url, broker=UNREACHABLE_BROKER))
+
+
+@pytest.fixture
+def registered(orchestrator: Orchestrator) -> str:
+    """The ID of a runtime registered straight into the orchestrator's detector (alive, never pulsed)."""
+    orchestrator.detector.register("rt-1", 5.0, 5.0, time.monotonic())
+    return "rt-1"
+
+
+def deliver(orchestrator: Orchestrator, *messages: tuple[str, bytes, bool]) -> None:
+    """Hand ``(topic, payload, retained)`` messages to ``handle()`` in order, inside an event loop."""
+
+    async def handle_all() -> None:
+        for topic, payload, retained in messages:
+            orchestrator.handle(topic, payload, retained)
+
+    asyncio.run(handle_all())
+
+
+def rejections(orchestrator: Orchestrator) -> dict[str, int]:
+    return {k: v for k, v in orchestrator.stats.items() if k.startswith("rejected")}
+
+
+@asynccontextmanager
+async def running(orchestrator: Orchestrator) -> AsyncIterator[None]:
+    """Run the orchestrator (database, registrar, watcher...) until the block ends; it never reaches a broker."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(orchestrator.run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (at most 5 s) until ``condition()`` holds."""
+    async with asyncio.timeout(5):
+        while not condition():  # noqa: ASYNC110 - the orchestrator offers no event for "registered"
+            await asyncio.sleep(0.005)
+
+
+# --- pulses --------------------------------------------------------------------
+
+
+def test_pulse_from_an_unregistered_id_is_rejected_as_unregistered(orchestrator: Orchestrator) -> None:
+    deliver(orchestrator, (TOPICS.pulse("rt-unknown"), b"", False))
+    assert rejections(orchestrator) == {"rejected.unregistered": 1}
+
+
+def test_pulse_from_an_unregistered_id_registers_nothing(orchestrator: Orchestrator) -> None:
+    deliver(orchestrator, (TOPICS.pulse("rt-unknown"), b"", False))
+    assert "rt-unknown" not in orchestrator.detector
+
+
+def test_every_unregistered_pulse_is_counted(orchestrator: Orchestrator) -> None:
+    deliver(orchestrator, *[(TOPICS.pulse(f"rt-{i % 3}"), b"", False) for i in range(7)])
+    assert orchestrator.stats["rejected.unregistered"] == 7
+
+
+@pytest.mark.parametrize("payload", [b"", protocol.encode_pulse(seq=3, session=SESSION)])
+def test_well_formed_pulse_refreshes_last_seen(orchestrator: Orchestrator, registered: str, payload: bytes) -> None:
+    before = time.monotonic()
+    deliver(orchestrator, (TOPICS.pulse(registered), payload, False))
+    last_seen = orchestrator.detector.view(registered).last_seen
+    assert last_seen is not None
+    assert last_seen >= before
+
+
+def test_well_formed_pulse_is_counted_as_a_pulse(orchestrator: Orchestrator, registered: str) -> None:
+    deliver(orchestrator, (TOPICS.pulse(registered), b"", False), (TOPICS.pulse(registered), b"", False))
+    assert orchestrator.pulses == 2
+    assert rejections(orchestrator) == {}
+
+
+MALFORMED_PULSES = {
+    "truncated JSON": (b"{", "malformed_json"),
+    "NaN": (b'{"seq": NaN}', "malformed_json"),
+    "array": (b"[]", "bad_type"),
+    "string seq": (b'{"seq": "one"}', "bad_type"),
+    "negative session": (b'{"session": -1}', "bad_type"),
+    "bad UTF-8": (b"\xff\xfe", "bad_utf8"),
+    "over max_payload": (b'{"pad": "' + b"x" * 70_000 + b'"}', "too_large"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_PULSES))
+def test_malformed_pulse_is_counted_under_its_protocol_error_reason(
+    orchestrator: Orchestrator, registered: str, case: str
+) -> None:
+    payload, reason = MALFORMED_PULSES[case]
+    deliver(orchestrator, (TOPICS.pulse(registered), payload, False))
+    assert rejections(orchestrator) == {f"rejected.{reason}": 1}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_PULSES))
+def test_malformed_pulse_does_not_refresh_last_seen(orchestrator: Orchestrator, registered: str, case: str) -> None:
+    payload, _ = MALFORMED_PULSES[case]
+    deliver(orchestrator, (TOPICS.pulse(registered), payload, False))
+    assert orchestrator.detector.view(registered).last_seen is None
+
+
+def test_malformed_pulse_does_not_revive_a_dead_runtime(orchestrator: Orchestrator, registered: str) -> None:
+    orchestrator.detector.offline(registered, time.monotonic())
+    deliver(orchestrator, (TOPICS.pulse(registered), b"{", False))
+    assert orchestrator.detector.view(registered).state is State.DEAD
+
+
+# --- topics ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "other/app/data",
+        "heartbeat/v1/alerts",
+        "heartbeat/v1/status/rt-1",
+        "heartbeat/v1/runtimes/rt-1",
+        "heartbeat/v2/runtimes/rt-1/pulse",
+    ],
+)
+def test_topic_outside_the_runtimes_tree_is_rejected_as_foreign(orchestrator: Orchestrator, topic: str) -> None:
+    deliver(orchestrator, (topic, b"", False))
+    assert rejections(orchestrator) == {"rejected.foreign_topic": 1}
+
+
+def test_unknown_kind_under_a_runtime_is_rejected_as_unknown_topic(orchestrator: Orchestrator, registered: str) -> None:
+    deliver(orchestrator, (f"heartbeat/v1/runtimes/{registered}/bogus", b"", False))
+    assert rejections(orchestrator) == {"rejected.unknown_topic": 1}
+
+
+def test_custom_prefix_makes_the_default_prefix_foreign(sqlite_url: str) -> None:
+    orchestrator = Orchestrator(Config(db=sqlite_url, broker=UNREACHABLE_BROKER, prefix="site-a/hb"))
+    deliver(orchestrator, (TOPICS.pulse("rt-1"), b"", False))
+    assert rejections(orchestrator) == {"rejected.foreign_topic": 1}
+
+
+# --- state messages ------------------------------------------------------------------
+
+
+def test_online_from_an_unregistered_valid_id_is_not_rejected(orchestrator: Orchestrator) -> None:
+    deliver(orchestrator, (TOPICS.state("rt-new"), protocol.encode_state("online", SESSION), False))
+    assert rejections(orchestrator) == {}
+
+
+def test_retained_online_from_an_unregistered_id_is_rejected_as_unregistered(orchestrator: Orchestrator) -> None:
+    deliver(orchestrator, (TOPICS.state("rt-new"), protocol.encode_state("online", SESSION), True))
+    assert rejections(orchestrator) == {"rejected.unregistered": 1}
+
+
+def test_online_from_an_invalid_unregistered_id_is_rejected_as_unregistered(orchestrator: Orchestrator) -> None:
+    deliver(orchestrator, (TOPICS.state("bad id"), protocol.encode_state("online", SESSION), False))
+    assert rejections(orchestrator) == {"rejected.unregistered": 1}
+
+
+@pytest.mark.parametrize("state", ["offline", "stopped"])
+def test_other_states_from_an_unregistered_id_are_rejected_as_unregistered(
+    orchestrator: Orchestrator, state: protocol.ConnectionState
+) -> None:
+    deliver(orchestrator, (TOPICS.state("rt-new"), protocol.encode_state(state, SESSION), False))
+    assert rejections(orchestrator) == {"rejected.unregistered": 1}
+
+
+def test_malformed_state_is_counted_under_its_protocol_error_reason(
+    orchestrator: Orchestrator, registered: str
+) -> None:
+    deliver(orchestrator, (TOPICS.state(registered), b'{"state": "zombie"}', False))
+    assert rejections(orchestrator) == {"rejected.bad_value": 1}
+
+
+def test_will_without_a_known_session_kills_a_runtime_registered_directly(
+    orchestrator: Orchestrator, registered: str
+) -> None:
+    """The control for the tests below: with no session on record, any will counts."""
+    deliver(orchestrator, (TOPICS.state(registered), protocol.encode_state("offline", OTHER_SESSION), False))
+    assert orchestrator.detector.view(registered).state is State.DEAD
+
+
+def birth_then_registration(orchestrator: Orchestrator, *wills: bytes) -> State:
+    """Birth (session SESSION) of an unregistered runtime, its interval request, then the given wills.
+
+    Returns the runtime's state after the wills.
+    """
+
+    async def scenario() -> State:
+        async with running(orchestrator):
+            orchestrator.handle(TOPICS.state("rt-new"), protocol.encode_state("online", SESSION), False)
+            orchestrator.handle(TOPICS.interval("rt-new"), protocol.encode_interval(30.0), False)
+            await until(lambda: "rt-new" in orchestrator.detector)
+            for will in wills:
+                orchestrator.handle(TOPICS.state("rt-new"), will, False)
+            return orchestrator.detector.view("rt-new").state
+
+    return asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_registration_after_birth_makes_the_runtime_alive(orchestrator: Orchestrator) -> None:
+    assert birth_then_registration(orchestrator) is State.ALIVE
+
+
+def test_will_of_another_session_than_the_early_birth_is_ignored(orchestrator: Orchestrator) -> None:
+    state = birth_then_registration(orchestrator, protocol.encode_state("offline", OTHER_SESSION))
+    assert state is State.ALIVE
+
+
+def test_will_of_the_early_births_session_kills_the_runtime(orchestrator: Orchestrator) -> None:
+    state = birth_then_registration(orchestrator, protocol.encode_state("offline", SESSION))
+    assert state is State.DEAD
+
+
+def test_stop_of_another_session_than_the_early_birth_is_ignored(orchestrator: Orchestrator) -> None:
+    state = birth_then_registration(orchestrator, protocol.encode_state("stopped", OTHER_SESSION))
+    assert state is State.ALIVE
+
+
+# --- interval requests ---------------------------------------------------------------
+
+
+def test_interval_request_is_not_applied_by_handle_itself(orchestrator: Orchestrator) -> None:
+    """Registration waits for the database: handle() only queues the request for the registrar."""
+    deliver(orchestrator, (TOPICS.interval("rt-new"), protocol.encode_interval(5.0), False))
+    assert "rt-new" not in orchestrator.detector
+    assert rejections(orchestrator) == {}

@@ -1,0 +1,301 @@
+"""The Store on both databases it supports: SQLite (a file of the test's own) and PostgreSQL (a fresh database)."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.store import FlipRow, Runtime, RuntimeRow, Store
+
+T0 = 1795902116.123456
+"""A wall-clock time with microseconds, to check that times survive as doubles."""
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A URL of an empty database: a SQLite file, or a fresh PostgreSQL database."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    """An opened Store (tables created) on an empty database, closed after the test."""
+    store = Store(db_url)
+    store.open()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def flip(
+    runtime_id: str,
+    old: str,
+    new: str,
+    at: float,
+    *,
+    event: str | None = None,
+    reason: str | None = None,
+    last_seen: float | None = None,
+) -> FlipRow:
+    return FlipRow(runtime_id, old, new, event, reason, at, last_seen)
+
+
+def row(store: Store, runtime_id: str) -> RuntimeRow:
+    (found,) = [r for r in store.load() if r.id == runtime_id]
+    return found
+
+
+# --- register ------------------------------------------------------------------
+
+
+def test_new_store_is_empty(store: Store) -> None:
+    assert store.load() == []
+
+
+def test_register_inserts_an_unknown_runtime(store: Store) -> None:
+    store.register([("rt-a", 5.0, 10.0)], T0)
+    assert store.load() == [RuntimeRow("rt-a", 5.0, 10.0, "unknown", T0, None, "registered")]
+
+
+def test_register_inserts_every_item_of_a_batch(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0), ("rt-b", 2.0, 3.0)], T0)
+    assert [(r.id, r.interval, r.grace) for r in store.load()] == [("rt-a", 1.0, 1.0), ("rt-b", 2.0, 3.0)]
+
+
+def test_reregister_updates_interval_and_grace(store: Store) -> None:
+    store.register([("rt-a", 5.0, 5.0)], T0)
+    store.register([("rt-a", 7.5, 2.0)], T0 + 100)
+    loaded = row(store, "rt-a")
+    assert (loaded.interval, loaded.grace) == (7.5, 2.0)
+
+
+def test_reregister_keeps_state_since_and_reason(store: Store) -> None:
+    store.register([("rt-a", 5.0, 5.0)], T0)
+    store.record([flip("rt-a", "unknown", "alive", T0 + 1, reason="pulse received")], {})
+    store.register([("rt-a", 7.5, 2.0)], T0 + 100)
+    loaded = row(store, "rt-a")
+    assert (loaded.state, loaded.since, loaded.reason) == ("alive", T0 + 1, "pulse received")
+
+
+def test_reregister_keeps_last_seen(store: Store) -> None:
+    store.register([("rt-a", 5.0, 5.0)], T0)
+    store.record([], {"rt-a": T0 + 3})
+    store.register([("rt-a", 7.5, 2.0)], T0 + 100)
+    assert row(store, "rt-a").last_seen == T0 + 3
+
+
+def test_reregister_keeps_registered_at(store: Store) -> None:
+    store.register([("rt-a", 5.0, 5.0)], T0)
+    store.register([("rt-a", 7.5, 2.0)], T0 + 100)
+    assert Runtime.get_by_id("rt-a").registered_at == T0
+
+
+def test_register_of_more_than_one_chunk_stores_every_runtime(store: Store) -> None:
+    ids = [f"rt-{i:04d}" for i in range(1201)]
+    store.register([(rid, 1.0, 2.0) for rid in ids], T0)
+    assert [r.id for r in store.load()] == ids
+
+
+# --- record --------------------------------------------------------------------
+
+
+def test_record_appends_flips_to_the_history(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    alive = flip("rt-a", "unknown", "alive", T0 + 1, reason="pulse received", last_seen=T0 + 1)
+    dead = flip("rt-a", "alive", "dead", T0 + 3, event="dead", reason="connection lost", last_seen=T0 + 1)
+    store.record([alive], {})
+    store.record([dead], {})
+    assert store.history("rt-a") == [dead, alive]
+
+
+def test_record_sets_state_since_and_reason_from_the_flip(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    store.record([flip("rt-a", "unknown", "dead", T0 + 2, event="dead", reason="connection lost")], {})
+    loaded = row(store, "rt-a")
+    assert (loaded.state, loaded.since, loaded.reason) == ("dead", T0 + 2, "connection lost")
+
+
+def test_record_sets_each_runtime_to_its_latest_flip_of_the_batch(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0), ("rt-b", 1.0, 1.0)], T0)
+    store.record(
+        [
+            flip("rt-a", "unknown", "alive", T0 + 1, reason="pulse received"),
+            flip("rt-b", "unknown", "alive", T0 + 1, reason="connected"),
+            flip("rt-a", "alive", "dead", T0 + 2, event="dead", reason="connection lost"),
+            flip("rt-a", "dead", "alive", T0 + 3, event="recovered", reason="pulse received"),
+            flip("rt-b", "alive", "stopped", T0 + 4, event="stopped", reason="stopped by runtime"),
+        ],
+        {},
+    )
+    states = {r.id: (r.state, r.since, r.reason) for r in store.load()}
+    assert states == {
+        "rt-a": ("alive", T0 + 3, "pulse received"),
+        "rt-b": ("stopped", T0 + 4, "stopped by runtime"),
+    }
+
+
+def test_record_with_a_null_reason_clears_the_reason(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    store.record([flip("rt-a", "unknown", "alive", T0 + 1, reason=None)], {})
+    assert row(store, "rt-a").reason is None
+
+
+def test_record_stores_the_last_seen_batch(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0), ("rt-b", 1.0, 1.0), ("rt-c", 1.0, 1.0)], T0)
+    store.record([], {"rt-a": T0 + 1.5, "rt-b": T0 + 2.25})
+    assert {r.id: r.last_seen for r in store.load()} == {"rt-a": T0 + 1.5, "rt-b": T0 + 2.25, "rt-c": None}
+
+
+def test_record_last_seen_alone_leaves_the_state(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    store.record([], {"rt-a": T0 + 1})
+    loaded = row(store, "rt-a")
+    assert (loaded.state, loaded.since, loaded.reason) == ("unknown", T0, "registered")
+
+
+def test_record_last_seen_of_an_unknown_runtime_creates_no_row(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    store.record([], {"rt-gone": T0 + 1})
+    assert [r.id for r in store.load()] == ["rt-a"]
+
+
+def test_record_of_more_than_one_chunk_updates_every_runtime(store: Store) -> None:
+    ids = [f"rt-{i:04d}" for i in range(1201)]
+    store.register([(rid, 1.0, 1.0) for rid in ids], T0)
+    store.record(
+        [flip(rid, "unknown", "alive", T0 + 1, reason="pulse received") for rid in ids],
+        {rid: T0 + 2 for rid in ids},
+    )
+    loaded = store.load()
+    assert len(loaded) == len(ids)
+    assert {(r.state, r.since, r.last_seen) for r in loaded} == {("alive", T0 + 1, T0 + 2)}
+
+
+def test_record_of_more_than_one_chunk_appends_every_flip(store: Store) -> None:
+    flips = [flip("rt-a", "alive", "dead", T0 + i) for i in range(1201)]
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    store.record(flips, {})
+    assert len(store.history("rt-a", limit=5000)) == 1201
+
+
+# --- deregister ------------------------------------------------------------------
+
+
+def test_deregister_deletes_the_runtime(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0), ("rt-b", 1.0, 1.0)], T0)
+    store.deregister(["rt-a"])
+    assert [r.id for r in store.load()] == ["rt-b"]
+
+
+def test_deregister_keeps_the_runtimes_flips(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    dead = flip("rt-a", "unknown", "dead", T0 + 2, event="dead", reason="connection lost")
+    store.record([dead], {})
+    store.deregister(["rt-a"])
+    assert store.history("rt-a") == [dead]
+
+
+def test_deregister_of_an_unknown_runtime_changes_nothing(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    store.deregister(["rt-unknown"])
+    assert [r.id for r in store.load()] == ["rt-a"]
+
+
+def test_deregister_of_more_than_one_chunk_deletes_every_runtime(store: Store) -> None:
+    ids = [f"rt-{i:04d}" for i in range(1201)]
+    store.register([(rid, 1.0, 1.0) for rid in [*ids, "rt-keep"]], T0)
+    store.deregister(ids)
+    assert [r.id for r in store.load()] == ["rt-keep"]
+
+
+# --- history -----------------------------------------------------------------------
+
+
+def test_history_is_newest_first(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    flips = [flip("rt-a", "unknown", "alive", T0 + 1), flip("rt-a", "alive", "dead", T0 + 5)]
+    store.record([flips[1]], {})
+    store.record([flips[0]], {})  # stored later, but happened earlier
+    assert [f.at for f in store.history("rt-a")] == [T0 + 5, T0 + 1]
+
+
+def test_history_puts_the_later_stored_of_simultaneous_flips_first(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    first, second = flip("rt-a", "unknown", "alive", T0), flip("rt-a", "alive", "stopped", T0)
+    store.record([first, second], {})
+    assert store.history("rt-a") == [second, first]
+
+
+def test_history_is_limited_to_the_newest(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    store.record([flip("rt-a", "alive", "dead", T0 + i) for i in range(10)], {})
+    assert [f.at for f in store.history("rt-a", limit=3)] == [T0 + 9, T0 + 8, T0 + 7]
+
+
+def test_history_holds_only_that_runtimes_flips(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0), ("rt-b", 1.0, 1.0)], T0)
+    store.record([flip("rt-a", "unknown", "alive", T0 + 1), flip("rt-b", "unknown", "dead", T0 + 2)], {})
+    assert [f.runtime_id for f in store.history("rt-b")] == ["rt-b"]
+
+
+# --- transactions, order, precision, persistence -------------------------------------
+
+
+def test_each_write_call_counts_one_transaction(store: Store) -> None:
+    store.register([(f"rt-{i}", 1.0, 1.0) for i in range(1201)], T0)
+    assert store.transactions == 1
+    store.record([flip(f"rt-{i}", "unknown", "alive", T0 + 1) for i in range(1201)], {"rt-0": T0 + 1})
+    assert store.transactions == 2
+    store.deregister(["rt-0", "rt-1"])
+    assert store.transactions == 3
+
+
+def test_record_with_nothing_to_write_is_no_transaction(store: Store) -> None:
+    store.record([], {})
+    assert store.transactions == 0
+
+
+def test_load_orders_rows_by_id(store: Store) -> None:
+    store.register([("rt-c", 1.0, 1.0), ("rt-a", 1.0, 1.0)], T0)
+    store.register([("rt-b", 1.0, 1.0)], T0)
+    assert [r.id for r in store.load()] == ["rt-a", "rt-b", "rt-c"]
+
+
+def test_times_round_trip_as_doubles_with_sub_millisecond_precision(store: Store) -> None:
+    store.register([("rt-a", 0.1, 86400.0)], T0)
+    dead = flip("rt-a", "unknown", "dead", T0 + 0.000123, event="dead", last_seen=T0 + 0.000456)
+    store.record([dead], {"rt-a": T0 + 0.000789})
+    loaded = row(store, "rt-a")
+    assert (loaded.interval, loaded.grace) == (0.1, 86400.0)
+    assert (loaded.since, loaded.last_seen) == (T0 + 0.000123, T0 + 0.000789)
+    (stored,) = store.history("rt-a")
+    assert (stored.at, stored.last_seen) == (T0 + 0.000123, T0 + 0.000456)
+
+
+def test_rows_survive_closing_and_reopening(db_url: str) -> None:
+    first = Store(db_url)
+    first.open()
+    first.register([("rt-a", 2.0, 3.0)], T0)
+    first.record([flip("rt-a", "unknown", "alive", T0 + 1, reason="connected")], {"rt-a": T0 + 1})
+    first.close()
+    second = Store(db_url)
+    second.open()
+    try:
+        assert second.load() == [RuntimeRow("rt-a", 2.0, 3.0, "alive", T0 + 1, T0 + 1, "connected")]
+    finally:
+        second.close()
+
+
+def test_sqlite_database_file_is_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "heartbeat.db"
+    store = Store(f"sqlite:///{path}")
+    store.open()
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as reader:
+        assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)

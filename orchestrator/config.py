@@ -37,6 +37,9 @@ class Config:
     client_id: str = field(default_factory=lambda: f"heartbeat-orchestrator-{uuid.uuid4().hex[:8]}")
     mqtt_version: str = "auto"
     """``auto`` tries MQTT 5 (reply via Response Topic) and falls back to 3.1.1."""
+    pulse_connection: str = "auto"
+    """``auto``: read pulses on a lean second connection when the broker speaks MQTT 5;
+    ``shared``: read them on the one general connection."""
     keepalive: int = 30
     tls_ca: str | None = None
     """CA file for ``mqtts://`` brokers; the system store when omitted."""
@@ -63,6 +66,8 @@ class Config:
             raise ConfigError(f"prefix: {exc}") from None
         if self.mqtt_version not in MQTT_VERSIONS:
             raise ConfigError(f"mqtt_version: one of {', '.join(MQTT_VERSIONS)}, got {self.mqtt_version!r}")
+        if self.pulse_connection not in ("auto", "shared"):
+            raise ConfigError(f"pulse_connection: auto or shared, got {self.pulse_connection!r}")
         if not 5 <= self.keepalive <= 3600:
             raise ConfigError("keepalive: between 5 and 3600 seconds")
         if not 0.1 <= self.flush_interval <= 3600:
@@ -114,6 +119,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(unknown)} (known: {', '.join(_FIELDS)})")
+    mqtt_version = values.get("mqtt_version")
+    if isinstance(mqtt_version, int | float) and not isinstance(mqtt_version, bool):
+        values["mqtt_version"] = f"{mqtt_version:g}"  # YAML reads `mqtt_version: 5` as the int 5
     for name, value in values.items():
         _check_type(name, value)
     return Config(**values)

@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +37,11 @@ from runtime_agent import protocol
 from runtime_agent.protocol import ProtocolError, Topics
 from runtime_agent.url import parse_broker_url
 
-from .broker import EmbeddedBroker
+from .broker import EmbeddedBroker, check_bindable
 from .config import Config
 from .detector import Detector, NotRegistered, State, Transition
-from .store import FlipRow, RuntimeRow, Store
+from .ingest import PulseReader, PulseReaderError
+from .store import FlipRow, RuntimeRow, Store, redact_url
 
 log = logging.getLogger("orchestrator")
 T = TypeVar("T")
@@ -105,12 +107,18 @@ class Orchestrator:
         self._flush_seen = False
         self._writer_wake = asyncio.Event()
         self._logged_ids: set[str] = set()
+        self._id_start = len(self.topics.pulse("")) - len("/pulse")
+        self.pulses = 0
+        """Pulses accepted (a plain int: it is bumped on the hot path)."""
+        self._pulse_reader: PulseReader | None = None
         self._early_sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
 
     # --- life cycle ----------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Load the database, start the broker if embedded, and watch until ``stop``."""
+        if self.config.broker is None:
+            check_bindable(*self.config.listen_address)  # fail before touching the database
         try:
             await self._db(self.store.open)
             rows = await self._db(self.store.load)
@@ -126,7 +134,7 @@ class Orchestrator:
                 last_seen=None if row.last_seen is None else self.clock.mono(row.last_seen),
                 reason=row.reason,
             )
-        log.info("loaded %d runtimes from %s", len(rows), _redact(self.config.db))
+        log.info("loaded %d runtimes from %s", len(rows), redact_url(self.config.db))
         async with contextlib.AsyncExitStack() as stack:
             if self.config.broker is None:
                 host, port = self.config.listen_address
@@ -145,7 +153,7 @@ class Orchestrator:
                 await self._final_flush()
         self._executor.shutdown(wait=True)
         rejected = {k: v for k, v in self.stats.items() if k.startswith("rejected")}
-        log.info("stopped; pulses received %d, rejected %s", self.stats["pulses"], rejected or "none")
+        log.info("stopped; pulses received %d, rejected %s", self.pulses, rejected or "none")
 
     async def _connection_loop(self, stop: asyncio.Event) -> None:
         backoff = 0.2
@@ -157,7 +165,7 @@ class Orchestrator:
                         backoff = 0.2
                         if await self._serve(client, stopper):
                             return
-                except aiomqtt.MqttError as exc:
+                except (aiomqtt.MqttError, PulseReaderError) as exc:
                     if self._client is not None or self.ready.is_set():
                         log.warning("lost the broker %s: %s", self.broker_url, exc)
                     self._disconnected()
@@ -194,14 +202,39 @@ class Orchestrator:
 
     async def _serve(self, client: aiomqtt.Client, stopper: asyncio.Task[Any]) -> bool:
         """Subscribe, judge and consume until the connection drops (False) or ``stop`` (True)."""
-        await client.publish(self.topics.orchestrator_state, protocol.encode_state("online"), qos=1, retain=True)
-        await client.subscribe(self.topics.subscriptions())
+        lean = self._mqtt5 and self.config.pulse_connection == "auto"
+        pulse_filter = f"{self.topics.prefix}/runtimes/+/pulse"
+        await client.subscribe([(t, q) for t, q in self.topics.subscriptions() if not (lean and t == pulse_filter)])
         self._client = client
         self._probing_version = False
+        async with contextlib.AsyncExitStack() as stack:
+            if lean:
+                self._pulse_reader = await stack.enter_async_context(self._make_pulse_reader(pulse_filter))
+            return await self._judge(client, stopper)
+
+    def _make_pulse_reader(self, topic_filter: str) -> PulseReader:
+        assert self.broker_url is not None
+        address = parse_broker_url(self.broker_url)
+        tls = ssl.create_default_context(cafile=self.config.tls_ca) if address.tls else None
+        return PulseReader(
+            host=address.host,
+            port=address.port,
+            topic_filter=topic_filter,
+            sink=self._on_lean_pulse,
+            client_id=f"{self.config.client_id}-pulses",
+            username=address.username,
+            password=address.password,
+            tls=tls,
+            keepalive=self.config.keepalive,
+        )
+
+    async def _judge(self, client: aiomqtt.Client, stopper: asyncio.Task[Any]) -> bool:
+        """With every link up: judge and consume until a link drops (raises) or ``stop`` (True)."""
         self.detector.resume(time.monotonic())
         self._status_due.update(view.runtime_id for view in self.detector.views())
         self._rearm.set()
         self._outbox_wake.set()
+        await client.publish(self.topics.orchestrator_state, protocol.encode_state("online"), qos=1, retain=True)
         self.ready.set()
         log.info(
             "ready: watching %d runtimes on %s (MQTT %s, prefix %s)",
@@ -211,18 +244,25 @@ class Orchestrator:
             self.config.prefix,
         )
         consumer = asyncio.create_task(self._consume(client))
-        done, _ = await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        waits: set[asyncio.Future[Any]] = {consumer, stopper}
+        reader = self._pulse_reader
+        if reader is not None:
+            waits.add(reader.closed)
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if consumer not in done:
             consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer
+        if stopper in done:
             await self._shutdown_publish(client)
             return True
-        consumer.result()  # raises the MqttError that ended it
-        raise aiomqtt.MqttError("message stream ended")
+        if consumer in done:
+            consumer.result()  # raises the MqttError that ended it
+        raise aiomqtt.MqttError("pulse connection lost" if consumer not in done else "message stream ended")
 
     def _disconnected(self) -> None:
         self._client = None
+        self._pulse_reader = None
         self.ready.clear()
         self.detector.suspend()
 
@@ -278,14 +318,11 @@ class Orchestrator:
         if not isinstance(payload, bytes | bytearray):
             payload = b"" if payload is None else str(payload).encode()
         now = time.monotonic()
+        if kind == "pulse":
+            self.on_pulse(runtime_id, bytes(payload), now)
+            return
         try:
-            if kind == "pulse":
-                session = None
-                if payload:
-                    session = protocol.decode_pulse(payload, limit=self.config.max_payload).session
-                transition = self.detector.pulse(runtime_id, now, session)
-                self.stats["pulses"] += 1
-            elif kind == "state":
+            if kind == "state":
                 message = protocol.decode_state(payload, limit=self.config.max_payload)
                 if message.state == "online":
                     transition = self.detector.online(runtime_id, now, message.session, live=not retained)
@@ -312,6 +349,28 @@ class Orchestrator:
             return
         if transition is not None:
             self._emit(transition)
+
+    def on_pulse(self, runtime_id: str, payload: bytes, now: float) -> None:
+        """The hot path: one pulse, from either connection. Decodes only a non-empty payload."""
+        session = None
+        if payload:
+            try:
+                session = protocol.decode_pulse(payload, limit=self.config.max_payload).session
+            except ProtocolError as exc:
+                self._reject(exc.reason, runtime_id, f"pulse: {exc}")
+                return
+        try:
+            transition = self.detector.pulse(runtime_id, now, session)
+        except NotRegistered:
+            self._reject("unregistered", runtime_id, "pulse from unregistered runtime")
+            return
+        self.pulses += 1
+        if transition is not None:
+            self._emit(transition)
+
+    def _on_lean_pulse(self, topic: str, payload: bytes, now: float) -> None:
+        """Pulses from the lean reader: its subscription guarantees ``{prefix}/runtimes/{id}/pulse``."""
+        self.on_pulse(topic[self._id_start : -6], payload, now)
 
     def _remember_session(self, runtime_id: str, session: int | None) -> None:
         """Keep a birth's session until the interval request that follows it (bounded, oldest dropped)."""
@@ -605,7 +664,7 @@ def _response_to(properties: Properties | None) -> tuple[str | None, bytes | Non
     return topic, correlation if isinstance(correlation, bytes) else None
 
 
-def _unsupported_version(exc: aiomqtt.MqttError) -> bool:
+def _unsupported_version(exc: Exception) -> bool:
     rc = getattr(exc, "rc", None)
     return getattr(rc, "value", rc) in (1, 132)
 
@@ -616,12 +675,3 @@ def _shown(value: str) -> str:
 
 def _shown_id(value: str) -> str:
     return value if len(value) <= 200 else value[:200]
-
-
-def _redact(url: str) -> str:
-    """A database URL without its password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at or ":" not in creds:
-        return url
-    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"

@@ -47,6 +47,8 @@ class Config:
     """Seconds between batched writes of last-seen times."""
     db_timeout: float = 2.0
     """How long a verdict waits for the database before it is published from memory."""
+    stats_interval: float = 10.0
+    """Seconds between publications of the counters on ``{prefix}/orchestrator/stats``."""
     max_payload: int = 65_536
     reconnect_max: float = 10.0
     log_level: str = "INFO"
@@ -74,6 +76,8 @@ class Config:
             raise ConfigError("flush_interval: between 0.1 and 3600 seconds")
         if not 0.0 < self.db_timeout <= 60:
             raise ConfigError("db_timeout: between 0 and 60 seconds")
+        if not 0.1 <= self.stats_interval <= 3600:
+            raise ConfigError("stats_interval: between 0.1 and 3600 seconds")
         if not 256 <= self.max_payload <= 16 * 1024 * 1024:
             raise ConfigError("max_payload: between 256 bytes and 16 MiB")
         if not 0.5 <= self.reconnect_max <= 300:

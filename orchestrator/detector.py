@@ -94,6 +94,8 @@ class Detector:
         self._watch_from = now
         self._suspended = False
         self._seen: dict[str, float] = {}
+        self.counts: dict[State, int] = dict.fromkeys(State, 0)
+        """How many runtimes are in each state, kept as they change (never counted by a scan)."""
         self.heap_pops = 0
         """How many deadline entries have been examined: a measure of work, for tests."""
 
@@ -145,6 +147,7 @@ class Detector:
         if rt is None:
             rt = self._runtimes[runtime_id] = _Runtime(interval, grace, UNKNOWN, now)
             rt.reason = "registered"
+            self.counts[UNKNOWN] += 1
             self._arm(runtime_id, rt)
         elif (rt.interval, rt.grace) != (interval, grace):
             rt.interval, rt.grace = interval, grace
@@ -166,7 +169,11 @@ class Detector:
         reason: str | None,
     ) -> None:
         """Load a runtime as the database had it; the watch starts at :meth:`resume`."""
+        previous = self._runtimes.get(runtime_id)
+        if previous is not None:
+            self.counts[previous.state] -= 1
         rt = self._runtimes[runtime_id] = _Runtime(interval, grace, state, since)
+        self.counts[state] += 1
         rt.last_seen = last_seen
         rt.reason = reason
         if state in _WATCHED:
@@ -175,7 +182,11 @@ class Detector:
     def deregister(self, runtime_id: str) -> bool:
         """Forget a runtime; its heap entry becomes stale and is dropped when popped."""
         self._seen.pop(runtime_id, None)
-        return self._runtimes.pop(runtime_id, None) is not None
+        rt = self._runtimes.pop(runtime_id, None)
+        if rt is None:
+            return False
+        self.counts[rt.state] -= 1
+        return True
 
     # --- events --------------------------------------------------------------
 
@@ -324,6 +335,8 @@ class Detector:
     ) -> Transition:
         old = rt.state
         rt.state, rt.since, rt.reason = new, now, reason
+        self.counts[old] -= 1
+        self.counts[new] += 1
         if new not in _WATCHED:
             # Drop its heap entry: it was armed for the interval of the time, which
             # may shrink before the runtime is alive again, and _alive arms afresh.

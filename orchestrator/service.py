@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import ssl
 import time
@@ -142,7 +143,14 @@ class Orchestrator:
                 self.broker_url = broker.url
             workers = [
                 asyncio.create_task(job(), name=job.__name__)
-                for job in (self._registrar, self._watcher, self._publisher, self._writer, self._flusher)
+                for job in (
+                    self._registrar,
+                    self._watcher,
+                    self._publisher,
+                    self._writer,
+                    self._flusher,
+                    self._stats_publisher,
+                )
             ]
             try:
                 await self._connection_loop(stop)
@@ -582,6 +590,30 @@ class Orchestrator:
         self._flip_waiters.append(future)
         self._writer_wake.set()
         return future
+
+    def counters(self) -> dict[str, Any]:
+        """What the orchestrator has done so far, for the stats topic and the shutdown log."""
+        return {
+            "runtimes": len(self.detector),
+            "states": {state.value: n for state, n in self.detector.counts.items()},
+            "pulses": self.pulses,
+            "rejected": {k.removeprefix("rejected."): v for k, v in self.stats.items() if k.startswith("rejected.")},
+            "alerts": self.stats["alerts"],
+            "registrations": self.stats["registrations"],
+            "db_transactions": self.store.transactions,
+            "pending_writes": len(self._pending_flips),
+            "uptime_s": round(time.monotonic() - self.clock.mono0, 3),
+        }
+
+    async def _stats_publisher(self) -> None:
+        """Publish the counters, retained, every ``stats_interval`` seconds (monitoring the monitor)."""
+        while True:
+            await asyncio.sleep(self.config.stats_interval)
+            client = self._client
+            if client is None:
+                continue
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(self.topics.orchestrator_stats, json.dumps(self.counters()), qos=0, retain=True)
 
     async def _flusher(self) -> None:
         while True:

@@ -76,7 +76,7 @@ def check_seconds(name: str, value: object) -> float:
 class Topics:
     """Every topic of protocol v1 under one configurable prefix."""
 
-    __slots__ = ("_runtimes", "_runtimes_len", "alerts", "orchestrator_state", "prefix")
+    __slots__ = ("_runtimes", "_runtimes_len", "alerts", "orchestrator_state", "orchestrator_stats", "prefix")
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         if not prefix or prefix.startswith("/") or prefix.endswith("/") or any(c in prefix for c in "+#\0"):
@@ -86,6 +86,7 @@ class Topics:
         self._runtimes_len = len(self._runtimes)
         self.alerts = f"{prefix}/alerts"
         self.orchestrator_state = f"{prefix}/orchestrator/state"
+        self.orchestrator_stats = f"{prefix}/orchestrator/stats"
 
     def interval(self, runtime_id: str) -> str:
         return f"{self._runtimes}{runtime_id}/interval"

@@ -236,67 +236,17 @@ def _log_paho(client: mqtt.Client, userdata: Any, level: int, message: str) -> N
 _Phase = Literal["new", "starting", "running", "stopping", "stopped"]
 
 
-class Agent:
-    """Registers a runtime with the orchestrator and pulses from a background thread.
+class AgentState:
+    """The settings and read-only state both agents expose, in one place."""
 
-    ``start()`` returns once the orchestrator accepted the interval, or
-    raises :class:`ConnectError`, :class:`RegistrationTimeout` or
-    :class:`RegistrationRejected` within ``timeout`` seconds. After that the
-    agent pulses every ``interval`` seconds and reconnects on its own until
-    ``stop()``. An agent starts once; use a new one to start again.
-
-    ``check``, if given, is called before each pulse (in the pulse thread);
-    the pulse is sent only if it returns True. Exceptions count as False.
-    """
-
-    def __init__(
-        self,
-        runtime_id: str,
-        *,
-        interval: float,
-        grace: float | None = None,
-        broker: str = DEFAULT_BROKER,
-        prefix: str = protocol.DEFAULT_PREFIX,
-        timeout: float = 10.0,
-        client_id: str | None = None,
-        keepalive: int | None = None,
-        tls_ca: str | None = None,
-        check: Callable[[], bool] | None = None,
-        reconnect_min: float = 0.5,
-        reconnect_max: float = 5.0,
-    ) -> None:
-        self._settings = AgentSettings.build(
-            runtime_id,
-            interval=interval,
-            grace=grace,
-            broker=broker,
-            prefix=prefix,
-            timeout=timeout,
-            client_id=client_id,
-            keepalive=keepalive,
-            tls_ca=tls_ca,
-            reconnect_min=reconnect_min,
-            reconnect_max=reconnect_max,
-        )
-        self._check = check
-        self._check_log = CheckLog(self._settings.runtime_id)
-        self._lock = threading.Lock()
-        self._phase: _Phase = "new"
-        self._client: mqtt.Client | None = None
+    def __init__(self, settings: AgentSettings) -> None:
+        self._settings = settings
+        self._check_log = CheckLog(settings.runtime_id)
         self._session: int | None = None
-        self._announced = False  # online and the interval went out on the current connection
         self._registered = False
         self._rejected = False
         self._reply: protocol.Reply | None = None
-        self._subscribe_mid: int | None = None
-        self._connack_seen = False
         self._pulses_sent = 0
-        self._first: Future[protocol.Reply] = Future()
-        self._stopping = threading.Event()
-        self._wake = threading.Event()
-        self._pulser: threading.Thread | None = None
-
-    # --- public API ----------------------------------------------------------
 
     @property
     def runtime_id(self) -> str:
@@ -326,14 +276,73 @@ class Agent:
         return self._pulses_sent
 
     @property
-    def connected(self) -> bool:
-        client = self._client
-        return client is not None and client.is_connected()
-
-    @property
     def reply(self) -> protocol.Reply | None:
         """The orchestrator's latest reply, with the interval and grace it applied."""
         return self._reply
+
+
+class Agent(AgentState):
+    """Registers a runtime with the orchestrator and pulses from a background thread.
+
+    ``start()`` returns once the orchestrator accepted the interval, or
+    raises :class:`ConnectError`, :class:`RegistrationTimeout` or
+    :class:`RegistrationRejected` within ``timeout`` seconds. After that the
+    agent pulses every ``interval`` seconds and reconnects on its own until
+    ``stop()``. An agent starts once; use a new one to start again.
+
+    ``check``, if given, is called before each pulse (in the pulse thread);
+    the pulse is sent only if it returns True. Exceptions count as False.
+    """
+
+    def __init__(
+        self,
+        runtime_id: str,
+        *,
+        interval: float,
+        grace: float | None = None,
+        broker: str = DEFAULT_BROKER,
+        prefix: str = protocol.DEFAULT_PREFIX,
+        timeout: float = 10.0,
+        client_id: str | None = None,
+        keepalive: int | None = None,
+        tls_ca: str | None = None,
+        check: Callable[[], bool] | None = None,
+        reconnect_min: float = 0.5,
+        reconnect_max: float = 5.0,
+    ) -> None:
+        super().__init__(
+            AgentSettings.build(
+                runtime_id,
+                interval=interval,
+                grace=grace,
+                broker=broker,
+                prefix=prefix,
+                timeout=timeout,
+                client_id=client_id,
+                keepalive=keepalive,
+                tls_ca=tls_ca,
+                reconnect_min=reconnect_min,
+                reconnect_max=reconnect_max,
+            )
+        )
+        self._check = check
+        self._lock = threading.Lock()
+        self._phase: _Phase = "new"
+        self._client: mqtt.Client | None = None
+        self._announced = False  # online and the interval went out on the current connection
+        self._subscribe_mid: int | None = None
+        self._connack_seen = False
+        self._first: Future[protocol.Reply] = Future()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._pulser: threading.Thread | None = None
+
+    # --- public API ----------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        client = self._client
+        return client is not None and client.is_connected()
 
     def start(self) -> None:
         """Connect, register and start pulsing; raises a :class:`HeartbeatError` on failure.

@@ -29,7 +29,7 @@ from .agent import (
     DEFAULT_BROKER,
     STOP_PUBLISH_TIMEOUT,
     AgentSettings,
-    CheckLog,
+    AgentState,
     new_session,
     next_pulse_at,
     parse_reply,
@@ -41,7 +41,7 @@ log = logging.getLogger("runtime_agent")
 _mqtt_log = logging.getLogger("runtime_agent.mqtt")
 
 
-class AsyncAgent:
+class AsyncAgent(AgentState):
     """Registers a runtime with the orchestrator and pulses from an asyncio task.
 
     ``await start()`` (or ``async with``) returns once the orchestrator
@@ -71,67 +71,31 @@ class AsyncAgent:
         reconnect_min: float = 0.5,
         reconnect_max: float = 5.0,
     ) -> None:
-        self._settings = AgentSettings.build(
-            runtime_id,
-            interval=interval,
-            grace=grace,
-            broker=broker,
-            prefix=prefix,
-            timeout=timeout,
-            client_id=client_id,
-            keepalive=keepalive,
-            tls_ca=tls_ca,
-            reconnect_min=reconnect_min,
-            reconnect_max=reconnect_max,
+        super().__init__(
+            AgentSettings.build(
+                runtime_id,
+                interval=interval,
+                grace=grace,
+                broker=broker,
+                prefix=prefix,
+                timeout=timeout,
+                client_id=client_id,
+                keepalive=keepalive,
+                tls_ca=tls_ca,
+                reconnect_min=reconnect_min,
+                reconnect_max=reconnect_max,
+            )
         )
         self._check = check
-        self._check_log = CheckLog(self._settings.runtime_id)
         self._task: asyncio.Task[None] | None = None
         self._stop_requested: asyncio.Event | None = None
-        self._session: int | None = None
         self._connected = False
-        self._registered = False
-        self._rejected = False
-        self._reply: protocol.Reply | None = None
-        self._pulses_sent = 0
 
     # --- public API ----------------------------------------------------------
 
     @property
-    def runtime_id(self) -> str:
-        return self._settings.runtime_id
-
-    @property
-    def broker(self) -> str:
-        """The broker URL, without password."""
-        return self._settings.url
-
-    @property
-    def interval(self) -> float:
-        return self._settings.interval
-
-    @property
-    def registered(self) -> bool:
-        """True while the orchestrator's latest reply on the current connection was ok."""
-        return self._registered
-
-    @property
-    def session(self) -> int | None:
-        """The session number of the current (or latest) connection."""
-        return self._session
-
-    @property
-    def pulses_sent(self) -> int:
-        return self._pulses_sent
-
-    @property
     def connected(self) -> bool:
         return self._connected
-
-    @property
-    def reply(self) -> protocol.Reply | None:
-        """The orchestrator's latest reply, with the interval and grace it applied."""
-        return self._reply
 
     async def start(self) -> None:
         """Connect, register and start pulsing; raises a :class:`HeartbeatError` on failure."""

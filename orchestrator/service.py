@@ -491,14 +491,25 @@ class Orchestrator:
     # --- watcher -------------------------------------------------------------
 
     async def _watcher(self) -> None:
-        """Sleep until the next deadline (or until re-armed), then collect verdicts."""
+        """Sleep until the next deadline (or until re-armed), then collect verdicts.
+
+        Waking far later than planned means this process stalled (paused,
+        swapped, starved): pulses that arrived meanwhile are still unread, so
+        instead of judging, the watch starts afresh, as after a reconnect.
+        """
         while True:
             deadline = self.detector.next_deadline()
             delay = None if deadline is None else max(0.0, deadline - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rearm.wait(), delay)
             self._rearm.clear()
-            for transition in self.detector.expire(time.monotonic()):
+            now = time.monotonic()
+            if deadline is not None and now - deadline > self.config.stall_threshold:
+                self.stats["stalls"] += 1
+                log.warning("stalled for %.1f s: restarting the watch instead of judging", now - deadline)
+                self.detector.resume(now)
+                continue
+            for transition in self.detector.expire(now):
                 self._emit(transition)
 
     # --- publisher -----------------------------------------------------------

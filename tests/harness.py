@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -126,11 +127,13 @@ class Observer:
 class Runtime:
     """A bare MQTT client acting as a runtime by hand, to send exactly what a test needs."""
 
-    def __init__(self, port: int, runtime_id: str, *, mqtt5: bool = False, will_session: int | None = None) -> None:
+    def __init__(
+        self, port: int, runtime_id: str, *, mqtt5: bool = False, will_session: int | None = None, connection: int = 0
+    ) -> None:
         self.runtime_id = runtime_id
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"rt-{runtime_id}-{os.getpid()}"[:64],
+            client_id=f"rt-{runtime_id}-{os.getpid()}-{connection}"[:64],
             protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
         )
         if will_session is not None:
@@ -148,6 +151,16 @@ class Runtime:
 
     def pulse(self, payload: bytes = b"") -> None:
         self.publish(TOPICS.pulse(self.runtime_id), payload, qos=0)
+
+    def state(self, state: str, session: int | None) -> None:
+        self.publish(TOPICS.state(self.runtime_id), protocol.encode_state(state, session), retain=True)  # type: ignore[arg-type]
+
+    def drop(self) -> None:
+        """Lose the connection without DISCONNECT, as a killed process does: the broker sends the will."""
+        sock = self.client.socket()
+        assert sock is not None
+        sock.shutdown(socket.SHUT_RDWR)
+        self.client.loop_stop()
 
     def close(self) -> None:
         self.client.disconnect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -44,3 +45,52 @@ def test_a_paused_orchestrator_does_not_declare_pulsing_runtimes_dead(pulsing: D
     for i in range(3):
         pulsing.observer.wait_status(f"rt-pulsing-{i}", "alive", 5)
     assert "stalled for" in orchestrator.log()
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> Iterator[Deployment]:
+    """A running orchestrator, no runtimes yet."""
+    d = Deployment(request.param, tmp_path, sqlite_url)
+    try:
+        d.start_orchestrator()
+        yield d
+    finally:
+        d.close()
+
+
+def test_a_late_will_from_a_previous_connection_leaves_the_runtime_alive(deployment: Deployment) -> None:
+    """The will names its session; the runtime reconnected with a newer one, so the old will is stale."""
+    old = deployment.runtime("rt-late", will_session=1, connection=1)
+    old.state("online", 1)
+    old.register(INTERVAL)
+    old.pulse()
+    deployment.observer.wait_status("rt-late", "alive", 5)
+    new = deployment.runtime("rt-late", will_session=2, connection=2)
+    new.state("online", 2)
+    new.pulse()
+    time.sleep(0.2)
+    dropped = time.monotonic()
+    old.drop()  # the broker now publishes the old connection's will: {"state": "offline", "session": 1}
+    deployment.observer.wait_for(
+        lambda m: m.topic.endswith("/rt-late/state") and m.json().get("session") == 1 and m.at >= dropped, 5
+    )
+    for _ in range(4):
+        new.pulse()
+        time.sleep(INTERVAL / 2)
+    assert deployment.observer.alerts("rt-late", after=dropped) == []
+    new.drop()  # the current connection's own will does count
+    alert = deployment.observer.wait_alert("rt-late", "dead", 5, after=dropped)
+    assert alert.json()["reason"] == "connection lost"
+
+
+def test_pulses_on_the_interval_with_ten_percent_jitter_raise_no_alert(deployment: Deployment) -> None:
+    rt = deployment.runtime("rt-jitter")
+    interval = 0.5
+    rt.register(interval)
+    rt.pulse()
+    started = time.monotonic()
+    rng = random.Random(12)
+    for _ in range(40):
+        time.sleep(interval * rng.uniform(0.9, 1.1))
+        rt.pulse()
+    assert deployment.observer.alerts("rt-jitter", after=started) == []

@@ -47,6 +47,9 @@ class Config:
     """Seconds between batched writes of last-seen times."""
     db_timeout: float = 2.0
     """How long a verdict waits for the database before it is published from memory."""
+    echo_timeout: float = 2.0
+    """Before a verdict the orchestrator proves its link with a round trip through the broker;
+    no echo within this many seconds means the link, not the runtimes, is down."""
     stall_threshold: float = 1.0
     """A verdict this many seconds late means the process itself stalled: judge nobody for it."""
     stats_interval: float = 10.0
@@ -78,6 +81,8 @@ class Config:
             raise ConfigError("flush_interval: between 0.1 and 3600 seconds")
         if not 0.0 < self.db_timeout <= 60:
             raise ConfigError("db_timeout: between 0 and 60 seconds")
+        if not 0.05 <= self.echo_timeout <= 60:
+            raise ConfigError("echo_timeout: between 0.05 and 60 seconds")
         if not 0.05 <= self.stall_threshold <= 3600:
             raise ConfigError("stall_threshold: between 0.05 and 3600 seconds")
         if not 0.1 <= self.stats_interval <= 3600:

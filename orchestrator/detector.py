@@ -107,6 +107,9 @@ class Detector:
     def __contains__(self, runtime_id: object) -> bool:
         return runtime_id in self._runtimes
 
+    def ids(self) -> list[str]:
+        return list(self._runtimes)
+
     def view(self, runtime_id: str) -> View:
         rt = self._get(runtime_id)
         return View(runtime_id, rt.state, rt.interval, rt.grace, rt.last_seen, rt.since, rt.reason)
@@ -250,31 +253,48 @@ class Detector:
 
     # --- time ----------------------------------------------------------------
 
+    def overdue(self, now: float) -> bool:
+        """Whether :meth:`expire` would give a verdict at ``now`` (stale entries are re-armed on the way).
+
+        The orchestrator asks this first, so it proves its own link to the
+        broker only when someone is really about to be declared dead.
+        """
+        return not self._suspended and self._next_due(now) is not None
+
     def expire(self, now: float) -> list[Transition]:
         """Declare dead every watched runtime whose deadline has passed by ``now``."""
         if self._suspended:
             return []
         out: list[Transition] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, token, runtime_id = heapq.heappop(heap)
+        while (due := self._next_due(now)) is not None:
+            runtime_id, rt = due
+            heapq.heappop(self._heap)
             self.heap_pops += 1
-            rt = self._runtimes.get(runtime_id)
-            if rt is None or rt.token != token:
-                continue  # deregistered or re-armed since
             rt.token = 0
-            if rt.state not in _WATCHED:
-                continue
-            deadline = self._deadline(rt)
-            if deadline > now:
-                self._push(runtime_id, rt, deadline)
-                continue
             if rt.state is ALIVE and rt.last_seen is not None and rt.last_seen > self._watch_from:
                 reason = f"no pulse for {now - rt.last_seen:.1f} s (interval {rt.interval:g} s + grace {rt.grace:g} s)"
             else:
                 reason = f"no pulse within {rt.interval + rt.grace:g} s of watching"
             out.append(self._become(runtime_id, rt, DEAD, now, reason, "dead"))
         return out
+
+    def _next_due(self, now: float) -> tuple[str, _Runtime] | None:
+        """The runtime at the top of the heap if its real deadline has passed; stale entries are settled."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, token, runtime_id = heap[0]
+            rt = self._runtimes.get(runtime_id)
+            if rt is not None and rt.token == token and rt.state in _WATCHED:
+                deadline = self._deadline(rt)
+                if deadline <= now:
+                    return runtime_id, rt
+            heapq.heappop(heap)
+            self.heap_pops += 1
+            if rt is not None and rt.token == token:
+                rt.token = 0
+                if rt.state in _WATCHED:
+                    self._push(runtime_id, rt, deadline)  # re-armed: the runtime pulsed since
+        return None
 
     def suspend(self) -> None:
         """Stop judging: the orchestrator lost its broker and cannot see pulses."""

@@ -2,8 +2,9 @@
 
 Pulses are most of the traffic, and a general MQTT client spends several
 microseconds per message on objects, callbacks and futures. This connection
-does one thing: subscribe to ``{prefix}/runtimes/+/pulse`` at QoS 0 and hand
-each topic and payload to a callback, framed by the ``mqtt5`` codec (Rust,
+does one thing: subscribe to ``{prefix}/runtimes/+/pulse`` (and the
+orchestrator's own echo topic) at QoS 0 and hand each topic and payload to a
+callback, framed by the ``mqtt5`` codec (Rust,
 sans-I/O) on a plain :class:`asyncio.Protocol`. One monotonic reading is
 taken per chunk read from the socket: every pulse in it arrived then.
 
@@ -25,7 +26,7 @@ import mqtt5
 log = logging.getLogger("orchestrator.ingest")
 
 PulseSink = Callable[[str, bytes, float], None]
-"""Called as ``sink(topic, payload, now)`` for every pulse, ``now`` on the monotonic clock."""
+"""Called as ``sink(topic, payload, now)`` for every message, ``now`` on the monotonic clock."""
 
 
 class PulseReaderError(ConnectionError):
@@ -112,7 +113,7 @@ class PulseReader:
         *,
         host: str,
         port: int,
-        topic_filter: str,
+        topic_filters: list[str],
         sink: PulseSink,
         client_id: str,
         username: str | None = None,
@@ -122,7 +123,7 @@ class PulseReader:
         timeout: float = 10.0,
     ) -> None:
         self._host, self._port, self._tls = host, port, tls
-        self._filter = topic_filter
+        self._filters = topic_filters
         self._sink = sink
         self._client_id = client_id
         self._username = username
@@ -157,12 +158,13 @@ class PulseReader:
                 connack = await protocol.connack
                 if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
                     raise PulseReaderError(f"broker refused the pulse connection: {connack.reason_code.name}")
-                subscribe = mqtt5.SubscribePacket(
-                    1, [mqtt5.TopicFilter(self._filter, max_qos=mqtt5.QoS.AT_MOST_ONCE, retain_as_published=False)]
-                )
-                protocol.transport.write(subscribe.write())
+                filters = [
+                    mqtt5.TopicFilter(f, max_qos=mqtt5.QoS.AT_MOST_ONCE, retain_as_published=False)
+                    for f in self._filters
+                ]
+                protocol.transport.write(mqtt5.SubscribePacket(1, filters).write())
                 suback = await protocol.suback
-                if suback.reason_codes != [mqtt5.SubAckReasonCode.GRANTED_QOS_AT_MOST_ONCE]:
+                if suback.reason_codes != [mqtt5.SubAckReasonCode.GRANTED_QOS_AT_MOST_ONCE] * len(filters):
                     raise PulseReaderError(f"broker refused the pulse subscription: {suback.reason_codes}")
         except (OSError, TimeoutError) as exc:
             self._abort()

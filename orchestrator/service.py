@@ -23,6 +23,7 @@ import collections
 import contextlib
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -112,6 +113,13 @@ class Orchestrator:
         self.pulses = 0
         """Pulses accepted (a plain int: it is bumped on the hot path)."""
         self._pulse_reader: PulseReader | None = None
+        self._refresh: collections.deque[str] = collections.deque()
+        self._refresh_wake = asyncio.Event()
+        self._echo_topic = f"{self.topics.prefix}/orchestrator/echo/{config.client_id}"
+        self._echo_seq = 0
+        self._echo_waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._link_lost: asyncio.Future[None] | None = None
+        """Set when the link fails its echo; the connection loop then reconnects."""
         self._early_sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
 
     # --- life cycle ----------------------------------------------------------
@@ -205,30 +213,33 @@ class Orchestrator:
             keepalive=self.config.keepalive,
             tls_params=tls,
             max_inflight_messages=1000,
-            timeout=10,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # no Nagle delay on echoes and alerts
+            timeout=min(10.0, max(2.0, 2 * self.config.echo_timeout)),  # a half-open link must not stall reconnects
         )
 
     async def _serve(self, client: aiomqtt.Client, stopper: asyncio.Task[Any]) -> bool:
         """Subscribe, judge and consume until the connection drops (False) or ``stop`` (True)."""
         lean = self._mqtt5 and self.config.pulse_connection == "auto"
-        pulse_filter = f"{self.topics.prefix}/runtimes/+/pulse"
-        await client.subscribe([(t, q) for t, q in self.topics.subscriptions() if not (lean and t == pulse_filter)])
+        pulse_filters = [f"{self.topics.prefix}/runtimes/+/pulse", self._echo_topic]
+        subscriptions = [*self.topics.subscriptions(), (self._echo_topic, 0)]
+        await client.subscribe([(t, q) for t, q in subscriptions if not (lean and t in pulse_filters)])
         self._client = client
         self._probing_version = False
+        self._link_lost = asyncio.get_running_loop().create_future()
         async with contextlib.AsyncExitStack() as stack:
             if lean:
-                self._pulse_reader = await stack.enter_async_context(self._make_pulse_reader(pulse_filter))
+                self._pulse_reader = await stack.enter_async_context(self._make_pulse_reader(pulse_filters))
             return await self._judge(client, stopper)
 
-    def _make_pulse_reader(self, topic_filter: str) -> PulseReader:
+    def _make_pulse_reader(self, topic_filters: list[str]) -> PulseReader:
         assert self.broker_url is not None
         address = parse_broker_url(self.broker_url)
         tls = ssl.create_default_context(cafile=self.config.tls_ca) if address.tls else None
         return PulseReader(
             host=address.host,
             port=address.port,
-            topic_filter=topic_filter,
-            sink=self._on_lean_pulse,
+            topic_filters=topic_filters,
+            sink=self._on_lean_message,
             client_id=f"{self.config.client_id}-pulses",
             username=address.username,
             password=address.password,
@@ -239,7 +250,8 @@ class Orchestrator:
     async def _judge(self, client: aiomqtt.Client, stopper: asyncio.Task[Any]) -> bool:
         """With every link up: judge and consume until a link drops (raises) or ``stop`` (True)."""
         self.detector.resume(time.monotonic())
-        self._status_due.update(view.runtime_id for view in self.detector.views())
+        self._refresh = collections.deque(self.detector.ids())  # the broker may have lost retained statuses
+        self._refresh_wake.set()
         self._rearm.set()
         self._outbox_wake.set()
         await client.publish(self.topics.orchestrator_state, protocol.encode_state("online"), qos=1, retain=True)
@@ -252,7 +264,8 @@ class Orchestrator:
             self.config.prefix,
         )
         consumer = asyncio.create_task(self._consume(client))
-        waits: set[asyncio.Future[Any]] = {consumer, stopper}
+        assert self._link_lost is not None
+        waits: set[asyncio.Future[Any]] = {consumer, stopper, self._link_lost}
         reader = self._pulse_reader
         if reader is not None:
             waits.add(reader.closed)
@@ -266,7 +279,10 @@ class Orchestrator:
             return True
         if consumer in done:
             consumer.result()  # raises the MqttError that ended it
-        raise aiomqtt.MqttError("pulse connection lost" if consumer not in done else "message stream ended")
+            raise aiomqtt.MqttError("message stream ended")
+        if self._link_lost in done:
+            raise aiomqtt.MqttError("the broker stopped echoing")
+        raise aiomqtt.MqttError("pulse connection lost")
 
     def _disconnected(self) -> None:
         self._client = None
@@ -309,8 +325,12 @@ class Orchestrator:
 
     async def _consume(self, client: aiomqtt.Client) -> None:
         handle = self.handle
+        echo = self._echo_topic
         async for message in client.messages:
             try:
+                if message.topic.value == echo:
+                    self._on_echo(bytes(message.payload))
+                    continue
                 handle(message.topic.value, message.payload, message.retain, message.properties)
             except Exception:  # one bad message must never stop the stream
                 self.stats["errors"] += 1
@@ -376,9 +396,42 @@ class Orchestrator:
         if transition is not None:
             self._emit(transition)
 
-    def _on_lean_pulse(self, topic: str, payload: bytes, now: float) -> None:
-        """Pulses from the lean reader: its subscription guarantees ``{prefix}/runtimes/{id}/pulse``."""
-        self.on_pulse(topic[self._id_start : -6], payload, now)
+    def _on_lean_message(self, topic: str, payload: bytes, now: float) -> None:
+        """Messages from the lean reader: pulses (``{prefix}/runtimes/{id}/pulse``) and our own echoes."""
+        if topic.endswith("/pulse"):
+            self.on_pulse(topic[self._id_start : -6], payload, now)
+        elif topic == self._echo_topic:
+            self._on_echo(payload)
+
+    # --- echo: proving the link before a verdict -----------------------------
+
+    def _on_echo(self, payload: bytes) -> None:
+        waiter = self._echo_waiters.pop(payload, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _echo(self) -> bool:
+        """Publish to our own echo topic and wait for it on the connection that carries pulses.
+
+        A silent runtime and a silent link look the same from here; a round
+        trip through the broker tells them apart, so nobody is declared dead
+        while the link itself is broken (even half-open).
+        """
+        client = self._client
+        if client is None:
+            return False
+        self._echo_seq += 1
+        token = str(self._echo_seq).encode()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._echo_waiters[token] = waiter
+        try:
+            await client.publish(self._echo_topic, token, qos=0)
+            await asyncio.wait_for(waiter, self.config.echo_timeout)
+        except (TimeoutError, aiomqtt.MqttError):
+            return False
+        finally:
+            self._echo_waiters.pop(token, None)
+        return True
 
     def _remember_session(self, runtime_id: str, session: int | None) -> None:
         """Keep a birth's session until the interval request that follows it (bounded, oldest dropped)."""
@@ -509,7 +562,19 @@ class Orchestrator:
                 log.warning("stalled for %.1f s: restarting the watch instead of judging", now - deadline)
                 self.detector.resume(now)
                 continue
-            for transition in self.detector.expire(now):
+            if not self.detector.overdue(now):
+                continue
+            if not await self._echo():
+                self.stats["echo_timeouts"] += 1
+                log.warning(
+                    "no echo from the broker within %.1f s: the link is broken, judging nobody until it is back",
+                    self.config.echo_timeout,
+                )
+                self.detector.suspend()
+                if self._link_lost is not None and not self._link_lost.done():
+                    self._link_lost.set_result(None)
+                continue
+            for transition in self.detector.expire(time.monotonic()):
                 self._emit(transition)
 
     # --- publisher -----------------------------------------------------------
@@ -553,6 +618,28 @@ class Orchestrator:
             self._status_due |= due
             raise
         self.stats["alerts"] += len(alerts)
+
+    async def _refresher(self) -> None:
+        """Republish every retained status after a (re)connect, paced so verdicts and pulses come first.
+
+        A broker that restarted without persistence (the embedded one always)
+        has lost them; 100,000 at once would starve the event loop for seconds.
+        """
+        batch_size, pause = 500, 0.05  # at most 10,000 a second
+        while True:
+            await self._refresh_wake.wait()
+            client = self._client
+            if client is None or not self._refresh:
+                self._refresh_wake.clear()
+                continue
+            batch = [self._refresh.popleft() for _ in range(min(batch_size, len(self._refresh)))]
+            try:
+                await asyncio.gather(*(self._publish_status(client, rid) for rid in batch))
+            except aiomqtt.MqttError:
+                self._refresh.extendleft(reversed(batch))
+                self._refresh_wake.clear()  # woken again on the next connect
+                continue
+            await asyncio.sleep(pause)
 
     def _publish_status(self, client: aiomqtt.Client, runtime_id: str) -> Awaitable[None]:
         topic = self.topics.status(runtime_id)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from .harness import Deployment
+from .proxy import BlackholeProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -94,3 +95,43 @@ def test_pulses_on_the_interval_with_ten_percent_jitter_raise_no_alert(deploymen
         time.sleep(interval * rng.uniform(0.9, 1.1))
         rt.pulse()
     assert deployment.observer.alerts("rt-jitter", after=started) == []
+
+
+def test_a_half_open_link_to_the_broker_raises_no_false_alert(
+    tmp_path: Path, sqlite_url: str, measure: Callable[[str, float, str], None]
+) -> None:
+    """The orchestrator's link goes silent (a proxy drops every byte) for 3 x (interval + grace).
+
+    It cannot tell that from every runtime dying at once, except by the echo it
+    sends itself before any verdict. Pulsing runtimes must never be declared
+    dead; the one that really died meanwhile is reported after the link returns.
+    """
+    d = Deployment("mosquitto", tmp_path, sqlite_url)
+    proxy = BlackholeProxy(d.port)
+    config = tmp_path / "orchestrator.yaml"
+    config.write_text("reconnect_max: 1.0\necho_timeout: 1.0\n")
+    try:
+        d.start_orchestrator("--broker", f"mqtt://127.0.0.1:{proxy.port}", "--config", str(config))
+        agents = [d.agent(f"rt-steady-{i}", INTERVAL) for i in range(3)]
+        for agent in agents:
+            agent.registered()
+        doomed = d.runtime("rt-doomed")
+        doomed.register(INTERVAL)
+        doomed.pulse()
+        d.observer.wait_status("rt-doomed", "alive", 5)
+
+        cut = time.monotonic()
+        proxy.blackhole()
+        doomed.close()  # really dies while nobody can see it
+        time.sleep(3 * (INTERVAL + INTERVAL))
+        proxy.restore()
+        restored = time.monotonic()
+
+        alert = d.observer.wait_alert("rt-doomed", "dead", 30, after=cut)
+        measure("link restored to the real death reported", alert.at - restored, "s")
+        time.sleep(2 * INTERVAL)
+        assert [a["id"] for a in d.observer.alerts(event="dead", after=cut)] == ["rt-doomed"]
+        assert "no echo from the broker" in d.orchestrators[-1].log()
+    finally:
+        d.close()
+        proxy.close()

@@ -1,0 +1,496 @@
+"""Processes and measurements shared by the scenarios.
+
+A scenario gets a :class:`Bench` (a temporary directory and a Mosquitto of
+its own on a free loopback port), seeds a SQLite database, starts the
+orchestrator as a separate process (``python -m orchestrator run``), watches
+it through an :class:`Observer` (a paho subscriber on the stats, state,
+alert and status topics) and reads its RSS and CPU time from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+PREFIX = "heartbeat/v1"
+ROOT = Path(__file__).resolve().parent.parent
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file limit to the hard limit (children inherit it); returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 20_000
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def env() -> dict[str, str]:
+    out = dict(os.environ, PYTHONUNBUFFERED="1")
+    out["PYTHONPATH"] = str(ROOT) + os.pathsep + out.get("PYTHONPATH", "")
+    return out
+
+
+# --- /proc ---------------------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wait_idle(pid: int, *, below: float = 0.15, hold: float = 1.0, timeout: float = 120.0) -> float:
+    """Wait until the process uses less than ``below`` of a core for ``hold`` seconds; returns seconds waited."""
+    start = time.monotonic()
+    quiet_since: float | None = None
+    last_cpu, last_t = cpu_seconds(pid), start
+    while time.monotonic() - start < timeout:
+        time.sleep(0.25)
+        cpu, now = cpu_seconds(pid), time.monotonic()
+        usage = (cpu - last_cpu) / (now - last_t)
+        last_cpu, last_t = cpu, now
+        if usage < below:
+            quiet_since = quiet_since or now
+            if now - quiet_since >= hold:
+                break
+        else:
+            quiet_since = None
+    return time.monotonic() - start
+
+
+# --- Mosquitto -------------------------------------------------------------------
+
+
+class Mosquitto:
+    """A Mosquitto of the scenario's own on a free loopback port, lossless for QoS 0 subscribers.
+
+    ``max_queued_messages 0`` lifts the per-client cap (1000 by default) under
+    which Mosquitto drops QoS 0 messages for a subscriber that falls behind;
+    with it, a slow consumer shows up as lag (its count arriving late), not as
+    silent loss inside the broker.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.conf = directory / f"mosquitto-{self.port}.conf"
+        self.log = directory / f"mosquitto-{self.port}.log"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"max_queued_messages 0\nmax_connections -1\nmax_keepalive 65535\n"
+            f"log_dest file {self.log}\nlog_type error\nlog_type warning\n"
+        )
+        self.process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+def _stop(process: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+# --- the database ----------------------------------------------------------------
+
+_templates: dict[tuple[int, float, float, bool], Path] = {}
+_template_dir: Path | None = None
+
+
+def seed_db(path: Path, n: int, *, interval: float, grace: float, alive: bool = False) -> float:
+    """A SQLite file with ``n`` registered runtimes ``rt-0000000``...; returns seconds spent.
+
+    Seeded through ``orchestrator.store.Store.register`` (one batched transaction)
+    once per shape, then copied. ``alive`` marks them alive as if each had pulsed
+    before a restart (so a scenario can skip the unknown->alive wave).
+    """
+    global _template_dir
+    from orchestrator.store import Store
+
+    from .load import runtime_id
+
+    start = time.monotonic()
+    key = (n, interval, grace, alive)
+    template = _templates.get(key)
+    if template is None:
+        if _template_dir is None:
+            _template_dir = Path(tempfile.mkdtemp(prefix="hb-bench-seed-"))
+        template = _template_dir / f"seed-{n}-{interval}-{grace}-{int(alive)}.db"
+        store = Store(f"sqlite:///{template}")
+        store.open()
+        if n:
+            store.register([(runtime_id(i), interval, grace) for i in range(n)], time.time())
+        if alive:
+            store.db.execute_sql(  # type: ignore[no-untyped-call]
+                "UPDATE runtime SET state = 'alive', reason = 'pulse received'"
+            )
+        store.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[no-untyped-call]
+        store.close()
+        _templates[key] = template
+    shutil.copyfile(template, path)
+    return time.monotonic() - start
+
+
+def cleanup_templates() -> None:
+    global _template_dir
+    if _template_dir is not None:
+        shutil.rmtree(_template_dir, ignore_errors=True)
+    _template_dir = None
+    _templates.clear()
+
+
+def db_count(path: Path, state: str) -> int:
+    """Rows in ``state``, read-only, from outside the orchestrator."""
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as conn:
+        return int(conn.execute("SELECT count(*) FROM runtime WHERE state = ?", (state,)).fetchone()[0])
+
+
+# --- the orchestrator --------------------------------------------------------------
+
+
+class Orchestrator:
+    """``python -m orchestrator run`` as a separate process."""
+
+    def __init__(
+        self,
+        directory: Path,
+        db: Path,
+        *,
+        broker: str | None = None,
+        listen: str | None = None,
+        stats_interval: float = 0.5,
+        flush_interval: float = 5.0,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = directory / "bench.yaml"
+        settings: dict[str, Any] = {
+            "stats_interval": stats_interval,
+            "flush_interval": flush_interval,
+            "log_level": "WARNING",
+            **(extra or {}),
+        }
+        self.config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
+        args = ["--db", f"sqlite:///{db}", "--config", str(self.config)]
+        args += ["--broker", broker] if broker else ["--listen", str(listen)]
+        self.log_path = directory / "orchestrator.log"
+        self._log = self.log_path.open("ab")
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "run", *args], stdout=self._log, stderr=self._log, env=env()
+        )
+        self.pid = self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        _stop(self.process, timeout=60)
+        self._log.close()
+
+
+# --- the observer --------------------------------------------------------------------
+
+
+@dataclass
+class Alert:
+    id: str
+    event: str
+    at: float
+    """time.monotonic() when the observer received it."""
+
+
+@dataclass
+class Observer:
+    """A paho subscriber (its own thread) on the orchestrator's stats and state, and optionally alerts and status."""
+
+    port: int
+    alerts: bool = False
+    status: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+    stats_at: float = 0.0
+    online_at: list[float] = field(default_factory=list)
+    alert_log: list[Alert] = field(default_factory=list)
+    status_dead: dict[str, float] = field(default_factory=dict)
+    """Runtime ID -> when its status topic first said dead."""
+
+    def __post_init__(self) -> None:
+        self._cond = threading.Condition()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-observer-{os.getpid()}-{id(self)}")
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._subscribed = threading.Event()
+        self._client.on_subscribe = lambda *a: self._subscribed.set()
+        self._client.max_queued_messages_set(0)
+        self._client.connect("127.0.0.1", self.port, keepalive=60)
+        self._client.loop_start()
+        if not self._subscribed.wait(15):
+            raise TimeoutError("observer could not subscribe")
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        topics = [(f"{PREFIX}/orchestrator/#", 1)]
+        if self.alerts:
+            topics.append((f"{PREFIX}/alerts", 1))
+        if self.status:
+            topics.append((f"{PREFIX}/status/+", 1))
+        client.subscribe(topics)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        now = time.monotonic()
+        topic = msg.topic
+        if topic.startswith(f"{PREFIX}/status/"):
+            if b'"state":"dead"' in msg.payload.replace(b" ", b""):
+                rid = topic[len(PREFIX) + 8 :]
+                with self._cond:
+                    self.status_dead.setdefault(rid, now)
+            return
+        with self._cond:
+            if topic == f"{PREFIX}/alerts":
+                doc = json.loads(msg.payload)
+                self.alert_log.append(Alert(doc["id"], doc["event"], now))
+            elif topic == f"{PREFIX}/orchestrator/stats":
+                if not msg.retain:
+                    self.stats = json.loads(msg.payload)
+                    self.stats_at = now
+            elif (
+                topic == f"{PREFIX}/orchestrator/state"
+                and not msg.retain
+                and json.loads(msg.payload).get("state") == "online"
+            ):
+                self.online_at.append(now)
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[Observer], bool], timeout: float) -> bool:
+        """Wait until ``predicate(self)`` holds (checked on every message); False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    def fresh_stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The first stats document published after now."""
+        after = time.monotonic()
+        if not self.wait(lambda o: o.stats_at > after, timeout):
+            raise TimeoutError("no stats from the orchestrator")
+        return dict(self.stats)
+
+    def wait_ready(self, after: float, timeout: float = 120.0) -> float:
+        """Wait for a live ``online`` state published after ``after``; returns when it arrived."""
+        if not self.wait(lambda o: any(t > after for t in o.online_at), timeout):
+            raise TimeoutError(f"orchestrator not ready within {timeout} s")
+        return min(t for t in self.online_at if t > after)
+
+    def dead_alerts(self) -> list[Alert]:
+        with self._cond:
+            return [a for a in self.alert_log if a.event == "dead"]
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+# --- a scenario's world ----------------------------------------------------------------------
+
+
+class Bench:
+    """A scenario's temporary directory and Mosquitto; ``orchestrator()`` and ``observer()`` are cleaned up too."""
+
+    def __init__(self, name: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=f"hb-bench-{name}-"))
+        self.mosquitto = Mosquitto(self.dir)
+        self._closers: list[Callable[[], None]] = []
+
+    @property
+    def port(self) -> int:
+        return self.mosquitto.port
+
+    def seed(self, n: int, *, interval: float, grace: float, alive: bool = False, name: str = "bench.db") -> Path:
+        path = self.dir / name
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        seed_db(path, n, interval=interval, grace=grace, alive=alive)
+        return path
+
+    def orchestrator(self, db: Path, **kw: Any) -> Orchestrator:
+        kw.setdefault("broker", self.mosquitto.url)
+        orch = Orchestrator(self.dir, db, **kw)
+        self._closers.append(orch.stop)
+        return orch
+
+    def observer(self, port: int | None = None, **kw: Any) -> Observer:
+        obs = Observer(port or self.port, **kw)
+        self._closers.append(obs.close)
+        return obs
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def close(self) -> None:
+        for fn in reversed(self._closers):
+            try:
+                fn()
+            except Exception as exc:
+                print(f"bench: cleanup failed: {exc!r}", file=sys.stderr)
+        self._closers.clear()
+        self.mosquitto.stop()
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def bench(name: str) -> Iterator[Bench]:
+    b = Bench(name)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def start_ready(
+    b: Bench, db: Path, observer: Observer, timeout: float = 180.0, **kw: Any
+) -> tuple[Orchestrator, float]:
+    """Start an orchestrator and wait for its live ``online``; returns it and the seconds it took."""
+    orch = b.orchestrator(db, **kw)
+    try:
+        ready = observer.wait_ready(orch.started, timeout)
+    except TimeoutError:
+        raise RuntimeError(f"orchestrator not ready:\n{orch.log_tail()}") from None
+    return orch, ready - orch.started
+
+
+# --- results -------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    key: str
+    value: Any
+    target: str = ""
+    ok: bool | None = None
+    unit: str = ""
+
+
+@dataclass
+class Result:
+    scenario: str
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More measured values, in the JSON only."""
+    seconds: float = 0.0
+    error: str | None = None
+
+    def add(self, key: str, value: Any, target: str = "", ok: bool | None = None, unit: str = "") -> None:
+        self.figures.append(Figure(key, value, target, ok, unit))
+
+    def json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"scenario": self.scenario}
+        out.update({f.key: f.value for f in self.figures})
+        out.update(self.extra)
+        out["targets"] = {f.key: f.target for f in self.figures if f.target}
+        out["met"] = {f.key: f.ok for f in self.figures if f.ok is not None}
+        out["notes"] = self.notes
+        out["seconds"] = round(self.seconds, 1)
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_show(v)}" for k, v in value.items())
+    return str(value)
+
+
+def format_table(results: list[Result]) -> str:
+    rows = [("scenario", "figure", "measured", "target", "met")]
+    for r in results:
+        if r.error:
+            rows.append((r.scenario, "error", r.error[:100], "", "✗"))
+        for f in r.figures:
+            met = "" if f.ok is None else "✓" if f.ok else "✗"
+            rows.append((r.scenario, f.key, f"{_show(f.value)}{(' ' + f.unit) if f.unit else ''}", f.target, met))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    notes = [f"  {r.scenario}: {note}" for r in results for note in r.notes]
+    if notes:
+        lines += ["", "notes:", *notes]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""``embedded``: the ingest search on the embedded amqtt broker, beside a bare paho subscriber on amqtt.
+
+The orchestrator runs without ``--broker`` (``--listen 127.0.0.1:PORT``): the
+broker lives in its process and, amqtt speaking MQTT 3.1.1 only, pulses ride
+its general client. The baseline is a bare paho subscriber on the same amqtt
+broker started alone (``python -m bench.amqtt_broker``, configured as the
+orchestrator embeds it). 100,000 runtimes (quick 10,000), interval = grace = 3600 s.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from ..consumers import OrchestratorCounter, PahoSubscriber
+from ..context import Context
+from ..harness import Result, _stop, bench, env, free_port, wait_for_port, wait_idle
+from ..load import LoadProcess
+from ..search import search
+
+LADDER = [2_000, 4_000, 8_000, 12_000, 16_000, 24_000, 32_000, 48_000, 64_000]
+
+
+def run(ctx: Context) -> Result:
+    result = Result("embedded")
+    n = 10_000 if ctx.quick else 100_000
+    window = 5.0 if ctx.quick else 30.0
+    with bench("embedded") as b:
+        port = free_port()
+        broker = subprocess.Popen(
+            [sys.executable, "-m", "bench.amqtt_broker", "127.0.0.1", str(port)],
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port(port)
+            paho = PahoSubscriber(port)
+            try:
+                with LoadProcess(port, n) as load:
+                    baseline = search(load, paho, quick=ctx.quick, window=window, ladder=LADDER)
+            finally:
+                paho.close()
+        finally:
+            _stop(broker)
+        ctx.say(f"paho on amqtt: {baseline.best:,}/s ({baseline.summary()})")
+
+        port = free_port()
+        orch = b.orchestrator(b.seed(n, interval=3600, grace=3600), broker=None, listen=f"127.0.0.1:{port}")
+        wait_for_port(port, 120)
+        observer = b.observer(port)
+        observer.fresh_stats(120)
+        with LoadProcess(port, n) as load:
+            load.run(rate=min(20_000, 2 * n), count=n)
+            observer.wait(lambda o: o.stats.get("pulses", 0) >= n, 120)
+            wait_idle(orch.pid)
+
+            def check() -> str:
+                dead = observer.stats.get("states", {}).get("dead", 0)
+                return f"{dead} dead" if dead else ""
+
+            found = search(
+                load,
+                OrchestratorCounter(observer),
+                quick=ctx.quick,
+                window=window,
+                quiet=1.2,
+                check=check,
+                ladder=LADDER,
+            )
+        ctx.say(f"orchestrator on amqtt: {found.best:,}/s ({found.summary()})")
+    ratio = found.best / baseline.best if baseline.best else 0.0
+    result.add("pulses_per_s", found.best, f"held {window:g} s, 0 lost", found.best > 0, "/s")
+    result.add("baseline_per_s", baseline.best, "bare paho on amqtt", unit="/s")
+    result.add("ratio", round(ratio, 2), "≥ 0.9", ratio >= 0.9)
+    result.extra.update(runtimes=n, window_s=window)
+    result.notes.append(f"orchestrator steps: {found.summary()}")
+    result.notes.append(f"paho steps: {baseline.summary()}")
+    return result

@@ -1,0 +1,72 @@
+"""``ingest``: the highest pulse rate the orchestrator holds losslessly, beside paho and mosquitto_sub.
+
+All three searches run on the same Mosquitto with the same generator, one
+consumer at a time. The orchestrator's runtimes are registered with interval
+and grace 3600 s, so the offered rate is free (round-robin over all IDs) and
+no runtime can be due to die during a window; every runtime pulses once
+before the search (the unknown -> alive wave) and the orchestrator settles.
+A step of the orchestrator also fails on any dead verdict.
+"""
+
+from __future__ import annotations
+
+from ..consumers import MosquittoSub, OrchestratorCounter, PahoSubscriber
+from ..context import Context
+from ..harness import Bench, Result, bench, start_ready, wait_idle
+from ..load import LoadProcess
+from ..search import SearchResult, search
+
+
+def orchestrator_search(ctx: Context, b: Bench, load: LoadProcess, n: int, window: float, **kw: object) -> SearchResult:
+    db = b.seed(n, interval=3600, grace=3600)
+    observer = b.observer(alerts=True)
+    orch, ready_s = start_ready(b, db, observer, **kw)  # type: ignore[arg-type]
+    ctx.say(f"orchestrator ready in {ready_s:.2f} s with {n:,} runtimes; warming up (one pulse each)")
+    load.run(rate=min(50_000, n * 2), count=n)
+    if not observer.wait(lambda o: o.stats.get("pulses", 0) >= n, 120):
+        raise RuntimeError(f"warm-up pulses not all counted: {observer.stats}")
+    wait_idle(orch.pid)
+
+    def check() -> str:
+        dead = observer.stats.get("states", {}).get("dead", 0)
+        alerts = len(observer.dead_alerts())
+        if not orch.alive:
+            return "orchestrator exited"
+        return f"{dead} dead, {alerts} dead alerts" if dead or alerts else ""
+
+    return search(load, OrchestratorCounter(observer), quick=ctx.quick, window=window, quiet=1.2, check=check)
+
+
+def run(ctx: Context) -> Result:
+    result = Result("ingest")
+    n = 10_000 if ctx.quick else 100_000
+    window = 5.0 if ctx.quick else 30.0
+    with bench("ingest") as b, LoadProcess(b.port, n) as load:
+        paho = PahoSubscriber(b.port)
+        try:
+            baseline = search(load, paho, quick=ctx.quick, window=window)
+        finally:
+            paho.close()
+        ctx.say(f"paho: {baseline.best:,}/s ({baseline.summary()})")
+        msub = MosquittoSub(b.port)
+        try:
+            ceiling = search(load, msub, quick=ctx.quick, window=window)
+        finally:
+            msub.close()
+        ctx.say(f"mosquitto_sub: {ceiling.best:,}/s ({ceiling.summary()})")
+        orch = orchestrator_search(ctx, b, load, n, window)
+        ctx.say(f"orchestrator: {orch.best:,}/s ({orch.summary()})")
+    ratio = orch.best / baseline.best if baseline.best else 0.0
+    ceiling_ratio = orch.best / ceiling.best if ceiling.best else 0.0
+    result.add("pulses_per_s", orch.best, f"held {window:g} s, 0 lost, 0 dead", orch.best > 0, "/s")
+    result.add("baseline_per_s", baseline.best, "bare paho subscriber", unit="/s")
+    result.add("ratio", round(ratio, 2), "≥ 2.0", ratio >= 2.0)
+    result.add("ceiling_per_s", ceiling.best, "mosquitto_sub", unit="/s")
+    result.add("ceiling_ratio", round(ceiling_ratio, 2), "≥ 0.8", ceiling_ratio >= 0.8)
+    result.extra["runtimes"] = n
+    result.extra["window_s"] = window
+    result.extra["steps"] = {s.consumer: s.summary() for s in (orch, baseline, ceiling)}
+    result.notes.append(f"{n:,} runtimes registered with interval = grace = 3600 s; window {window:g} s per rate")
+    for s in (orch, baseline, ceiling):
+        result.notes.append(f"{s.consumer} steps: {s.summary()}")
+    return result

@@ -1,0 +1,46 @@
+"""``scaling``: orchestrator CPU per pulse at a fixed rate, by number of registered runtimes.
+
+1,000 / 100,000 / 1,000,000 runtimes (quick 1,000 / 10,000 / 100,000),
+seeded alive (as after a restart) with interval = grace = 3600 s so no one
+dies, pulsing round-robin over all IDs at 20,000/s (quick 10,000/s) for 10 s
+(quick 2 s) once start-up has settled. CPU = utime + stime from /proc over
+the window (idle timers included), divided by the pulses counted.
+"""
+
+from __future__ import annotations
+
+from ..context import Context
+from ..harness import Result, bench, cpu_seconds, start_ready, wait_idle
+from ..load import LoadProcess
+
+
+def run(ctx: Context) -> Result:
+    result = Result("scaling")
+    sizes = [1_000, 10_000, 100_000] if ctx.quick else [1_000, 100_000, 1_000_000]
+    rate = 10_000 if ctx.quick else 20_000
+    window = 2.0 if ctx.quick else 10.0
+    per: dict[str, float] = {}
+    for n in sizes:
+        with bench(f"scaling-{n}") as b:
+            observer = b.observer()
+            orch, ready_s = start_ready(b, b.seed(n, interval=3600, grace=3600, alive=True), observer, timeout=600)
+            settle_s = wait_idle(orch.pid, timeout=600)
+            with LoadProcess(b.port, n, connections=1) as load:
+                load.run(rate=rate, count=min(n, rate))  # touch the path once before measuring
+                before = observer.fresh_stats()
+                cpu0 = cpu_seconds(orch.pid)
+                report = load.run(rate=rate, count=int(rate * window))
+                target = before["pulses"] + report.sent
+                observer.wait(lambda o: bool(o.stats.get("pulses", 0) >= target), 30)  # noqa: B023
+                cpu1 = cpu_seconds(orch.pid)
+                after = observer.fresh_stats()
+            pulses = after["pulses"] - before["pulses"]
+            per[f"{n}"] = round((cpu1 - cpu0) / max(1, pulses) * 1e6, 2)
+            ctx.say(f"{n:,} runtimes: ready {ready_s:.1f} s, settled {settle_s:.1f} s, {per[str(n)]} µs/pulse")
+            result.notes.append(f"{n:,} runtimes: ready {ready_s:.1f} s, start-up settled after {settle_s:.1f} s more")
+    values = list(per.values())
+    growth = values[-1] / values[0] if values[0] else float("inf")
+    result.add("us_per_pulse", per, "flat", unit="µs")
+    result.add("growth", round(growth, 2), "≤ 1.5", growth <= 1.5)
+    result.extra.update(rate_per_s=rate, window_s=window)
+    return result

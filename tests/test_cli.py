@@ -320,3 +320,24 @@ def test_table_columns_are_aligned() -> None:
 def test_table_lines_have_no_trailing_spaces() -> None:
     rows = [_row("rt-1", "alive", reason=None), _row("rt-2", "dead", reason="a long reason")]
     assert all(line == line.rstrip() for line in format_table(rows, now=T0).splitlines())
+
+
+def test_status_into_a_closed_pipe_exits_quietly(sqlite_url: str, tmp_path: Path) -> None:
+    """`status --json | head -1`: the reader leaves early; no traceback, exit 0."""
+    store = Store(sqlite_url)
+    store.open()
+    store.register([(f"rt-{i:05d}", 5.0, 5.0) for i in range(2000)], time.time())
+    store.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "status", "--json", "--db", sqlite_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")),
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    assert proc.stdout.read(1) == b"["
+    proc.stdout.close()
+    assert proc.wait(30) == 0
+    assert b"Traceback" not in proc.stderr.read()

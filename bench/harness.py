@@ -124,7 +124,7 @@ class Mosquitto:
         self.log = directory / f"mosquitto-{self.port}.log"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"max_queued_messages 0\nmax_connections -1\nmax_keepalive 65535\n"
+            f"max_queued_messages 0\nset_tcp_nodelay true\nmax_connections -1\nmax_keepalive 65535\n"
             f"log_dest file {self.log}\nlog_type error\nlog_type warning\n"
         )
         self.process = subprocess.Popen(

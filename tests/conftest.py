@@ -69,7 +69,7 @@ def start_mosquitto(directory: Path, port: int | None = None, extra: str = "") -
     port = port or free_port()
     conf = directory / f"mosquitto-{port}.conf"
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
         f"log_dest file {directory}/mosquitto-{port}.log\nmax_keepalive 65535\n{extra}"
     )
     process = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import time
 from types import TracebackType
 
 log = logging.getLogger("orchestrator.broker")
@@ -29,6 +30,25 @@ def check_bindable(host: str, port: int) -> None:
                     f"--broker mqtt://{host}:{port}, or pick another port with --listen {host}:PORT."
                 ) from None
             raise BrokerStartError(f"cannot start the embedded MQTT broker on {host}:{port}: {exc.strerror}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (for the demo, tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    """Block until something accepts connections on ``host:port``; TimeoutError otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
 class EmbeddedBroker:

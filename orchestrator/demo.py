@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ import aiomqtt
 
 from runtime_agent.protocol import Topics
 
+from .broker import free_port
 from .cli import format_table
 from .config import Config
 from .service import Orchestrator
@@ -39,18 +39,12 @@ def demo(*, interval: float = 1.0) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
 async def _demo(interval: float) -> None:
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="heartbeat-demo-") as tmp:
         config = Config(
             listen=f"127.0.0.1:{port}", db=f"sqlite:///{tmp}/demo.db", flush_interval=0.5, log_level="WARNING"

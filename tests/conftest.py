@@ -7,78 +7,16 @@ a test that needs a broker gets its own Mosquitto on a free port.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .harness import Deployment, MosquittoBroker, start_mosquitto
+
 PG_ADMIN_URL = os.environ.get("HEARTBEAT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-@dataclass
-class MosquittoBroker:
-    """A Mosquitto process of the test's own; ``url`` is what ``--broker`` takes."""
-
-    port: int
-    process: subprocess.Popen[bytes]
-    conf: Path
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-
-def start_mosquitto(directory: Path, port: int | None = None, extra: str = "") -> MosquittoBroker:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
-        pytest.fail("mosquitto is not installed: `apt-get install mosquitto` (.ci/run does this)")
-    port = port or free_port()
-    conf = directory / f"mosquitto-{port}.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
-        f"log_dest file {directory}/mosquitto-{port}.log\nmax_keepalive 65535\n{extra}"
-    )
-    process = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port)
-    except TimeoutError:
-        process.kill()
-        raise
-    return MosquittoBroker(port, process, conf)
 
 
 @pytest.fixture
@@ -107,6 +45,39 @@ def pg_url() -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> Iterator[Deployment]:
+    """A running orchestrator on SQLite, with its broker (embedded, or the test's own Mosquitto)."""
+    d = Deployment(request.param, tmp_path, sqlite_url)
+    try:
+        d.start_orchestrator()
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def mosquitto_deployment(tmp_path: Path, sqlite_url: str) -> Iterator[Deployment]:
+    """A running orchestrator on the test's own Mosquitto, for what needs MQTT 5 or a broker that outlives it."""
+    d = Deployment("mosquitto", tmp_path, sqlite_url)
+    try:
+        d.start_orchestrator()
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def pg_deployment(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Deployment]:
+    """The same, with the database on the machine's PostgreSQL (a fresh database per test)."""
+    d = Deployment(request.param, tmp_path, pg_url)
+    try:
+        d.start_orchestrator()
+        yield d
+    finally:
+        d.close()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,11 +21,53 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from orchestrator.broker import free_port, wait_for_port
 from runtime_agent import protocol
 
-from .conftest import free_port, start_mosquitto, wait_for_port
+
+@dataclass
+class MosquittoBroker:
+    """A Mosquitto process of the test's own; ``url`` is what ``--broker`` takes."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    conf: Path
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def start_mosquitto(directory: Path, port: int | None = None, extra: str = "") -> MosquittoBroker:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(exe).exists():
+        pytest.fail("mosquitto is not installed: `apt-get install mosquitto` (.ci/run does this)")
+    port = port or free_port()
+    conf = directory / f"mosquitto-{port}.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+        f"log_dest file {directory}/mosquitto-{port}.log\nmax_keepalive 65535\n{extra}"
+    )
+    process = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+    except TimeoutError:
+        process.kill()
+        raise
+    return MosquittoBroker(port, process, conf)
+
 
 PREFIX = protocol.DEFAULT_PREFIX
 TOPICS = protocol.Topics(PREFIX)

@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 
-from .conftest import free_port
+from orchestrator.broker import free_port
 
 
 class BlackholeProxy:

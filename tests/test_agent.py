@@ -26,10 +26,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from orchestrator.broker import free_port
 from runtime_agent import Agent, AsyncAgent, ConnectError, RegistrationRejected, RegistrationTimeout, protocol
 from runtime_agent.agent import default_client_id, next_pulse_at
 
-from .conftest import MosquittoBroker, free_port, start_mosquitto
+from .harness import MosquittoBroker, start_mosquitto
 
 TOPICS = protocol.Topics()
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,11 +25,12 @@ import pytest
 import yaml
 
 from orchestrator import healthcheck
+from orchestrator.broker import free_port
 from orchestrator.cli import build_parser as orchestrator_parser
 from orchestrator.config import load_config
 from runtime_agent.protocol import DEFAULT_PREFIX, Topics
 
-from .conftest import MosquittoBroker, free_port
+from .harness import MosquittoBroker
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -24,39 +23,6 @@ pytestmark = pytest.mark.e2e
 INTERVAL = 0.5
 GRACE = 0.5
 Measure = Callable[[str, float, str], None]
-
-
-@pytest.fixture(params=["embedded", "mosquitto"])
-def deployment(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> Iterator[Deployment]:
-    """A running orchestrator on SQLite, with its broker (embedded, or the test's own Mosquitto)."""
-    d = Deployment(request.param, tmp_path, sqlite_url)
-    try:
-        d.start_orchestrator()
-        yield d
-    finally:
-        d.close()
-
-
-@pytest.fixture
-def mosquitto_deployment(tmp_path: Path, sqlite_url: str) -> Iterator[Deployment]:
-    """A running orchestrator on the test's own Mosquitto, for what needs MQTT 5 or a broker that outlives it."""
-    d = Deployment("mosquitto", tmp_path, sqlite_url)
-    try:
-        d.start_orchestrator()
-        yield d
-    finally:
-        d.close()
-
-
-@pytest.fixture(params=["embedded", "mosquitto"])
-def pg_deployment(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Deployment]:
-    """The same, with the database on the machine's PostgreSQL (a fresh database per test)."""
-    d = Deployment(request.param, tmp_path, pg_url)
-    try:
-        d.start_orchestrator()
-        yield d
-    finally:
-        d.close()
 
 
 def _state_of(d: Deployment, runtime_id: str) -> str:

@@ -48,17 +48,6 @@ def test_a_paused_orchestrator_does_not_declare_pulsing_runtimes_dead(pulsing: D
     assert "stalled for" in orchestrator.log()
 
 
-@pytest.fixture(params=["embedded", "mosquitto"])
-def deployment(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> Iterator[Deployment]:
-    """A running orchestrator, no runtimes yet."""
-    d = Deployment(request.param, tmp_path, sqlite_url)
-    try:
-        d.start_orchestrator()
-        yield d
-    finally:
-        d.close()
-
-
 def test_a_late_will_from_a_previous_connection_leaves_the_runtime_alive(deployment: Deployment) -> None:
     """The will names its session; the runtime reconnected with a newer one, so the old will is stale."""
     old = deployment.runtime("rt-late", will_session=1, connection=1)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from orchestrator.broker import free_port, wait_for_port
+
 from ..consumers import OrchestratorCounter, PahoSubscriber
 from ..context import Context
-from ..harness import Result, _stop, bench, env, free_port, wait_for_port, wait_idle
+from ..harness import Result, _stop, bench, env, wait_idle
 from ..load import LoadProcess
 from ..search import search
 

@@ -213,7 +213,7 @@ class Orchestrator:
         settings: dict[str, Any] = {
             "stats_interval": stats_interval,
             "flush_interval": flush_interval,
-            "log_level": "WARNING",
+            "log_level": os.environ.get("HEARTBEAT_BENCH_LOG_LEVEL", "WARNING"),
             **(extra or {}),
         }
         self.config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
@@ -237,6 +237,10 @@ class Orchestrator:
     def stop(self) -> None:
         _stop(self.process, timeout=60)
         self._log.close()
+        keep = os.environ.get("HEARTBEAT_BENCH_LOGS")  # a directory to keep each orchestrator's log in
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.log_path, Path(keep) / f"orchestrator-{self.pid}.log")
 
 
 # --- the observer --------------------------------------------------------------------

@@ -202,7 +202,7 @@ class Orchestrator:
         assert self.broker_url is not None
         address = parse_broker_url(self.broker_url)
         tls = aiomqtt.TLSParameters(ca_certs=self.config.tls_ca) if address.tls else None
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             address.host,
             address.port,
             username=address.username,
@@ -216,6 +216,9 @@ class Orchestrator:
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # no Nagle delay on echoes and alerts
             timeout=min(10.0, max(2.0, 2 * self.config.echo_timeout)),  # a half-open link must not stall reconnects
         )
+        # aiomqtt logs a warning for every publish beyond 10 in flight; a batch of verdicts has thousands.
+        client.pending_calls_threshold = 1_000_000
+        return client
 
     async def _serve(self, client: aiomqtt.Client, stopper: asyncio.Task[Any]) -> bool:
         """Subscribe, judge and consume until the connection drops (False) or ``stop`` (True)."""
@@ -410,28 +413,30 @@ class Orchestrator:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _echo(self) -> bool:
+    async def _echo(self) -> float | None:
         """Publish to our own echo topic and wait for it on the connection that carries pulses.
 
         A silent runtime and a silent link look the same from here; a round
         trip through the broker tells them apart, so nobody is declared dead
-        while the link itself is broken (even half-open).
+        while the link itself is broken (even half-open). Returns the round
+        trip in seconds, or None when no echo came back in time.
         """
         client = self._client
         if client is None:
-            return False
+            return None
         self._echo_seq += 1
         token = str(self._echo_seq).encode()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._echo_waiters[token] = waiter
+        sent = time.monotonic()
         try:
             await client.publish(self._echo_topic, token, qos=0)
             await asyncio.wait_for(waiter, self.config.echo_timeout)
         except (TimeoutError, aiomqtt.MqttError):
-            return False
+            return None
         finally:
             self._echo_waiters.pop(token, None)
-        return True
+        return time.monotonic() - sent
 
     def _remember_session(self, runtime_id: str, session: int | None) -> None:
         """Keep a birth's session until the interval request that follows it (bounded, oldest dropped)."""
@@ -564,7 +569,8 @@ class Orchestrator:
                 continue
             if not self.detector.overdue(now):
                 continue
-            if not await self._echo():
+            round_trip = await self._echo()
+            if round_trip is None:
                 self.stats["echo_timeouts"] += 1
                 log.warning(
                     "no echo from the broker within %.1f s: the link is broken, judging nobody until it is back",
@@ -574,7 +580,9 @@ class Orchestrator:
                 if self._link_lost is not None and not self._link_lost.done():
                     self._link_lost.set_result(None)
                 continue
-            for transition in self.detector.expire(time.monotonic()):
+            # A pulse takes about as long through the broker as our echo did: judge as of that long
+            # ago, so a congested broker (pulses sent in time, delivered late) kills nobody.
+            for transition in self.detector.expire(time.monotonic() - round_trip):
                 self._emit(transition)
 
     # --- publisher -----------------------------------------------------------

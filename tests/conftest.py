@@ -50,34 +50,22 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture(params=["embedded", "mosquitto"])
 def deployment(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> Iterator[Deployment]:
     """A running orchestrator on SQLite, with its broker (embedded, or the test's own Mosquitto)."""
-    d = Deployment(request.param, tmp_path, sqlite_url)
-    try:
-        d.start_orchestrator()
+    with Deployment.running(request.param, tmp_path, sqlite_url) as d:
         yield d
-    finally:
-        d.close()
 
 
 @pytest.fixture
 def mosquitto_deployment(tmp_path: Path, sqlite_url: str) -> Iterator[Deployment]:
     """A running orchestrator on the test's own Mosquitto, for what needs MQTT 5 or a broker that outlives it."""
-    d = Deployment("mosquitto", tmp_path, sqlite_url)
-    try:
-        d.start_orchestrator()
+    with Deployment.running("mosquitto", tmp_path, sqlite_url) as d:
         yield d
-    finally:
-        d.close()
 
 
 @pytest.fixture(params=["embedded", "mosquitto"])
 def pg_deployment(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Deployment]:
     """The same, with the database on the machine's PostgreSQL (a fresh database per test)."""
-    d = Deployment(request.param, tmp_path, pg_url)
-    try:
-        d.start_orchestrator()
+    with Deployment.running(request.param, tmp_path, pg_url) as d:
         yield d
-    finally:
-        d.close()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ runtime_agent``, Mosquitto) and talks to them over loopback only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,6 +304,17 @@ class Deployment:
         self.agents: list[AgentProcess] = []
         self.runtimes: list[Runtime] = []
         self._observer: Observer | None = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, kind: str, tmp_path: Path, db_url: str) -> Iterator[Deployment]:
+        """A deployment with its orchestrator started and ready; everything stopped afterwards."""
+        d = cls(kind, tmp_path, db_url)
+        try:
+            d.start_orchestrator()
+            yield d
+        finally:
+            d.close()
 
     @property
     def mqtt5(self) -> bool:

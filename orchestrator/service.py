@@ -155,6 +155,7 @@ class Orchestrator:
                     self._registrar,
                     self._watcher,
                     self._publisher,
+                    self._refresher,
                     self._writer,
                     self._flusher,
                     self._stats_publisher,

@@ -178,6 +178,8 @@ def test_orchestrator_restart_loses_no_state_and_raises_no_false_alert(deploymen
     time.sleep(4 * (INTERVAL + GRACE))
 
     assert deployment.observer.alerts(after=restarted) == []
+    # Statuses are published again after a restart (the embedded broker lost its retained copies).
+    deployment.observer.wait_status("rt-was-dead", "dead", 5, after=restarted)
     after = {row["id"]: row for row in deployment.status_json()}
     assert set(after) == set(before)
     assert {rid: row["state"] for rid, row in after.items()} == {

@@ -66,7 +66,7 @@ class WallClock:
         return self.wall0 + (mono - self.mono0)
 
     def wall_or_none(self, mono: float | None) -> float | None:
-        return None if mono is None else self.wall0 + (mono - self.mono0)
+        return None if mono is None else self.wall(mono)
 
     def mono(self, wall: float) -> float:
         return self.mono0 + (wall - self.wall0)
@@ -109,13 +109,12 @@ class Orchestrator:
         self._flush_seen = False
         self._writer_wake = asyncio.Event()
         self._logged_ids: set[str] = set()
-        self._id_start = len(self.topics.pulse("")) - len("/pulse")
         self.pulses = 0
         """Pulses accepted (a plain int: it is bumped on the hot path)."""
         self._pulse_reader: PulseReader | None = None
         self._refresh: collections.deque[str] = collections.deque()
         self._refresh_wake = asyncio.Event()
-        self._echo_topic = f"{self.topics.prefix}/orchestrator/echo/{config.client_id}"
+        self._echo_topic = self.topics.echo(config.client_id)
         self._echo_seq = 0
         self._echo_waiters: dict[bytes, asyncio.Future[None]] = {}
         self._link_lost: asyncio.Future[None] | None = None
@@ -132,7 +131,8 @@ class Orchestrator:
             await self._db(self.store.open)
             rows = await self._db(self.store.load)
         except Exception as exc:
-            raise RuntimeError(f"cannot open the database {self.config.db}: {exc}") from exc
+            shown = redact_url(self.config.db)
+            raise RuntimeError(f"cannot open the database {shown}: {str(exc).replace(self.config.db, shown)}") from exc
         for row in rows:
             self.detector.restore(
                 row.id,
@@ -224,7 +224,7 @@ class Orchestrator:
     async def _serve(self, client: aiomqtt.Client, stopper: asyncio.Task[Any]) -> bool:
         """Subscribe, judge and consume until the connection drops (False) or ``stop`` (True)."""
         lean = self._mqtt5 and self.config.pulse_connection == "auto"
-        pulse_filters = [f"{self.topics.prefix}/runtimes/+/pulse", self._echo_topic]
+        pulse_filters = [self.topics.pulse_filter, self._echo_topic]
         subscriptions = [*self.topics.subscriptions(), (self._echo_topic, 0)]
         await client.subscribe([(t, q) for t, q in subscriptions if not (lean and t in pulse_filters)])
         self._client = client
@@ -403,7 +403,7 @@ class Orchestrator:
     def _on_lean_message(self, topic: str, payload: bytes, now: float) -> None:
         """Messages from the lean reader: pulses (``{prefix}/runtimes/{id}/pulse``) and our own echoes."""
         if topic.endswith("/pulse"):
-            self.on_pulse(topic[self._id_start : -6], payload, now)
+            self.on_pulse(self.topics.pulse_id(topic), payload, now)
         elif topic == self._echo_topic:
             self._on_echo(payload)
 

@@ -103,17 +103,29 @@ class Topics:
     def status(self, runtime_id: str) -> str:
         return f"{self.prefix}/status/{runtime_id}"
 
+    def echo(self, client_id: str) -> str:
+        """Where an orchestrator sends itself a message to prove its link (see docs/protocol.md)."""
+        return f"{self.prefix}/orchestrator/echo/{client_id}"
+
     @property
     def status_filter(self) -> str:
         return f"{self.prefix}/status/+"
+
+    @property
+    def pulse_filter(self) -> str:
+        return f"{self._runtimes}+/pulse"
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """What the orchestrator subscribes to, with the QoS of each."""
         return [
             (f"{self._runtimes}+/interval", 1),
             (f"{self._runtimes}+/state", 1),
-            (f"{self._runtimes}+/pulse", 0),
+            (self.pulse_filter, 0),
         ]
+
+    def pulse_id(self, topic: str) -> str:
+        """The ID in a topic already known to match :attr:`pulse_filter`: one slice, for the hot path."""
+        return topic[self._runtimes_len : -6]
 
     def parse(self, topic: str) -> tuple[str, str] | None:
         """Split ``{prefix}/runtimes/{id}/{kind}`` into ``(kind, id)``.

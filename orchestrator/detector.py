@@ -124,11 +124,11 @@ class Detector:
         return self._deadline(rt) if rt.state in _WATCHED else None
 
     def next_deadline(self) -> float | None:
-        """The earliest time :meth:`expire` may have work; None while suspended or idle.
+        """The earliest time :meth:`expire` may have work; None when idle.
 
         It may be early (the entry is re-armed lazily) but never late.
         """
-        if self._suspended or not self._heap:
+        if not self._heap:
             return None
         return self._heap[0][0]
 
@@ -254,23 +254,32 @@ class Detector:
     # --- time ----------------------------------------------------------------
 
     def overdue(self, now: float) -> bool:
-        """Whether :meth:`expire` would give a verdict at ``now`` (stale entries are re-armed on the way).
+        """Whether :meth:`expire` would change a state at ``now`` (stale entries are re-armed on the way).
 
         The orchestrator asks this first, so it proves its own link to the
         broker only when someone is really about to be declared dead.
         """
-        return not self._suspended and self._next_due(now) is not None
+        return self._next_due(now) is not None
 
     def expire(self, now: float) -> list[Transition]:
-        """Declare dead every watched runtime whose deadline has passed by ``now``."""
-        if self._suspended:
-            return []
+        """Declare dead every watched runtime whose deadline has passed by ``now``.
+
+        While suspended (the orchestrator cannot see pulses) nobody is
+        declared dead: an ``alive`` runtime whose deadline passes becomes
+        ``unknown`` instead, without an alert, and stays watched, so after
+        :meth:`resume` it is dead only if it stays silent for a full window.
+        """
         out: list[Transition] = []
         while (due := self._next_due(now)) is not None:
             runtime_id, rt = due
             heapq.heappop(self._heap)
             self.heap_pops += 1
             rt.token = 0
+            if self._suspended:
+                if rt.state is ALIVE:
+                    out.append(self._become(runtime_id, rt, UNKNOWN, now, "the orchestrator lost its broker", None))
+                self._push(runtime_id, rt, now + rt.interval + rt.grace)  # looked at again one window on
+                continue
             if rt.state is ALIVE and rt.last_seen is not None and rt.last_seen > self._watch_from:
                 reason = f"no pulse for {now - rt.last_seen:.1f} s (interval {rt.interval:g} s + grace {rt.grace:g} s)"
             else:

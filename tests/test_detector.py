@@ -674,17 +674,8 @@ def test_suspended_detector_declares_nothing_dead(det: Detector, clock: FakeCloc
     det.suspend()
 
     assert det.suspended is True
-    assert det.expire(clock.advance(100 * (IV + GRACE))) == []
-    assert det.view("rt-1").state is ALIVE
-
-
-def test_suspended_detector_has_no_next_deadline(det: Detector, clock: FakeClock) -> None:
-    register_alive(det, clock)
-    assert det.next_deadline() is not None
-
-    det.suspend()
-
-    assert det.next_deadline() is None
+    assert [t.new for t in det.expire(clock.advance(100 * (IV + GRACE)))] == [UNKNOWN]
+    assert det.view("rt-1").state is UNKNOWN
 
 
 def test_resume_after_suspend_gives_a_full_interval_plus_grace(det: Detector, clock: FakeClock) -> None:
@@ -831,3 +822,50 @@ def test_expire_on_quiet_detector_with_nothing_due_pops_nothing() -> None:
 
     assert det.heap_pops == 0
     assert len(det.expire(20.0)) == 10_000
+
+
+# --- blind: suspended while deadlines pass ----------------------------------------------------
+
+
+def test_an_alive_runtime_goes_unknown_not_dead_while_suspended(det: Detector, clock: FakeClock) -> None:
+    det.register("rt-1", IV, GRACE, clock.now)
+    det.suspend()
+
+    (t,) = det.expire(clock.advance(IV + GRACE))
+
+    assert (t.old, t.new, t.event) == (ALIVE, UNKNOWN, None)
+    assert t.reason == "the orchestrator lost its broker"
+
+
+def test_a_runtime_stays_unknown_through_a_long_suspension(det: Detector, clock: FakeClock) -> None:
+    det.register("rt-1", IV, GRACE, clock.now)
+    det.suspend()
+    det.expire(clock.advance(IV + GRACE))
+
+    for _ in range(10):
+        assert det.expire(clock.advance(IV + GRACE)) == []
+    assert det.view("rt-1").state is UNKNOWN
+
+
+def test_an_unknown_runtime_gets_a_full_window_after_resume(det: Detector, clock: FakeClock) -> None:
+    det.register("rt-1", IV, GRACE, clock.now)
+    det.suspend()
+    det.expire(clock.advance(3 * (IV + GRACE)))
+    det.resume(clock.advance(1))
+    resumed = clock.now
+
+    assert det.expire(resumed + IV + GRACE - EPS) == []
+    (t,) = det.expire(resumed + IV + GRACE)
+    assert (t.old, t.new, t.event) == (UNKNOWN, DEAD, "dead")
+
+
+def test_a_pulse_after_resume_brings_an_unknown_runtime_back_without_an_alert(det: Detector, clock: FakeClock) -> None:
+    det.register("rt-1", IV, GRACE, clock.now)
+    det.suspend()
+    det.expire(clock.advance(IV + GRACE))
+    det.resume(clock.advance(1))
+
+    t = det.pulse("rt-1", clock.advance(1))
+
+    assert t is not None
+    assert (t.old, t.new, t.event) == (UNKNOWN, ALIVE, None)

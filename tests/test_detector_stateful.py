@@ -123,13 +123,15 @@ class Model:
         return self.become(rid, STOPPED, now, "stopped by runtime", "stopped")
 
     def expire(self, now: float) -> dict[str, Transition]:
-        if self.suspended:
-            return {}
         out: dict[str, Transition] = {}
         for rid, deadline in self.watched_deadlines().items():
             if deadline > now:
                 continue
             rt = self.runtimes[rid]
+            if self.suspended:
+                if rt.state is ALIVE:
+                    out[rid] = self.become(rid, UNKNOWN, now, "the orchestrator lost its broker", None)
+                continue
             if rt.state is ALIVE and rt.last_seen is not None and rt.last_seen > self.watch_from:
                 reason = f"no pulse for {now - rt.last_seen:.1f} s (interval {rt.interval:g} s + grace {rt.grace:g} s)"
             else:
@@ -276,7 +278,7 @@ class DetectorMachine(RuleBasedStateMachine):
         assert len(got) == len(want), "a runtime was declared dead twice in one expire()"
         for t in got:
             check_transition(t)
-            assert t.new is DEAD
+            assert t.new is (UNKNOWN if self.model.suspended else DEAD)
             assert deadlines[t.runtime_id] <= self.now, "dead before its deadline"
         if not self.model.suspended:
             for rid, deadline in self.model.watched_deadlines().items():
@@ -320,8 +322,7 @@ class DetectorMachine(RuleBasedStateMachine):
         assert self.detector.suspended is self.model.suspended
         nxt = self.detector.next_deadline()
         if self.model.suspended:
-            assert nxt is None
-            return
+            return  # entries are pushed a window on as they fall due: early is fine, none is needed
         deadlines = self.model.watched_deadlines()
         if deadlines:
             assert nxt is not None, "a watched runtime has no heap entry"

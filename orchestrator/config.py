@@ -54,6 +54,11 @@ class Config:
     """A verdict this many seconds late means the process itself stalled: judge nobody for it."""
     stats_interval: float = 10.0
     """Seconds between publications of the counters on ``{prefix}/orchestrator/stats``."""
+    outbox_lease: float = 10.0
+    """Seconds a notice being sent is reserved for its sender; after a crash, whoever finds
+    it unsent once the lease has run out sends it (at least once, never lost)."""
+    outbox_interval: float = 5.0
+    """Seconds between looks for notices owed from before (a crash, another orchestrator's)."""
     max_payload: int = 65_536
     reconnect_max: float = 10.0
     log_level: str = "INFO"
@@ -87,6 +92,10 @@ class Config:
             raise ConfigError("stall_threshold: between 0.05 and 3600 seconds")
         if not 0.1 <= self.stats_interval <= 3600:
             raise ConfigError("stats_interval: between 0.1 and 3600 seconds")
+        if not 1.0 <= self.outbox_lease <= 3600:
+            raise ConfigError("outbox_lease: between 1 and 3600 seconds")
+        if not 0.1 <= self.outbox_interval <= 3600:
+            raise ConfigError("outbox_interval: between 0.1 and 3600 seconds")
         if not 256 <= self.max_payload <= 16 * 1024 * 1024:
             raise ConfigError("max_payload: between 256 bytes and 16 MiB")
         if not 0.5 <= self.reconnect_max <= 300:

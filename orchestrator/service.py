@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import socket
@@ -100,12 +102,14 @@ class Orchestrator:
         self._probing_version = config.mqtt_version == "auto" and config.broker is not None
         self._requests: asyncio.Queue[_Request] = asyncio.Queue()
         self._outbox: list[Transition] = []
-        self._unsent_alerts: list[Transition] = []
+        self._unsent_alerts: list[FlipRow] = []
+        self._notified_keys: set[tuple[str, float]] = set()
+        """Flips every channel has: the writer marks them notified in the database."""
         self._status_due: set[str] = set()
         self._outbox_wake = asyncio.Event()
         self._rearm = asyncio.Event()
         self._pending_flips: list[FlipRow] = []
-        self._flip_waiters: list[asyncio.Future[None]] = []
+        self._flip_waiters: list[asyncio.Future[set[str]]] = []
         self._flush_seen = False
         self._writer_wake = asyncio.Event()
         self._logged_ids: set[str] = set()
@@ -120,6 +124,8 @@ class Orchestrator:
         self._link_lost: asyncio.Future[None] | None = None
         """Set when the link fails its echo; the connection loop then reconnects."""
         self._early_sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._downtime: tuple[float, float] | None = None
+        """(last known alive, restarted) when the monitor was down long enough to miss a death."""
 
     # --- life cycle ----------------------------------------------------------
 
@@ -144,6 +150,7 @@ class Orchestrator:
                 reason=row.reason,
             )
         log.info("loaded %d runtimes from %s", len(rows), redact_url(self.config.db))
+        self._check_downtime(await self._db(self.store.alive_at), rows)
         async with contextlib.AsyncExitStack() as stack:
             if self.config.broker is None:
                 host, port = self.config.listen_address
@@ -159,6 +166,7 @@ class Orchestrator:
                     self._writer,
                     self._flusher,
                     self._stats_publisher,
+                    self._redeliver,
                 )
             ]
             try:
@@ -171,6 +179,21 @@ class Orchestrator:
         self._executor.shutdown(wait=True)
         rejected = {k: v for k, v in self.stats.items() if k.startswith("rejected")}
         log.info("stopped; pulses received %d, rejected %s", self.pulses, rejected or "none")
+
+    def _check_downtime(self, alive_at: float | None, rows: list[RuntimeRow]) -> None:
+        """If the monitor was down long enough to miss a death, say so once, after connecting.
+
+        Runtimes that died meanwhile are judged after the start-up window like
+        any other; ones already dead before are not alerted again.
+        """
+        if alive_at is None or not rows:
+            return
+        down_for = time.time() - alive_at
+        shortest = min(row.interval + row.grace for row in rows)
+        if down_for <= shortest + self.config.flush_interval:  # alive_at is written every flush
+            return
+        log.warning("the monitor was down for about %.0f s (since its last record)", down_for)
+        self._downtime = (alive_at, time.time())
 
     async def _connection_loop(self, stop: asyncio.Event) -> None:
         backoff = 0.2
@@ -259,6 +282,12 @@ class Orchestrator:
         self._rearm.set()
         self._outbox_wake.set()
         await client.publish(self.topics.orchestrator_state, protocol.encode_state("online"), qos=1, retain=True)
+        if self._downtime is not None:
+            since, back = self._downtime
+            payload = protocol.encode_monitor_down(since=since, back=back, runtimes=len(self.detector))
+            await client.publish(self.topics.alerts, payload, qos=1)
+            self._downtime = None
+            self.stats["alerts"] += 1
         self.ready.set()
         log.info(
             "ready: watching %d runtimes on %s (MQTT %s, prefix %s)",
@@ -298,6 +327,7 @@ class Orchestrator:
         """Publish what is still due, then say ``offline``, before a clean disconnect."""
         try:
             async with asyncio.timeout(5):
+                await self._commit_outbox()
                 await self._publish_due(client)
                 await client.publish(
                     self.topics.orchestrator_state, protocol.encode_state("offline"), qos=1, retain=True
@@ -563,6 +593,11 @@ class Orchestrator:
                 await asyncio.wait_for(self._rearm.wait(), delay)
             self._rearm.clear()
             now = time.monotonic()
+            if self.detector.suspended:
+                # Cut off from the broker: whoever falls due is unknown, not dead (no alert).
+                for transition in self.detector.expire(now):
+                    self._emit(transition)
+                continue
             if deadline is not None and now - deadline > self.config.stall_threshold:
                 self.stats["stalls"] += 1
                 log.warning("stalled for %.1f s: restarting the watch instead of judging", now - deadline)
@@ -592,6 +627,7 @@ class Orchestrator:
         while True:
             await self._outbox_wake.wait()
             self._outbox_wake.clear()
+            await self._commit_outbox()  # connected or not: the database is told at once
             client = self._client
             if client is None:
                 continue  # re-woken on connect
@@ -600,21 +636,34 @@ class Orchestrator:
             except aiomqtt.MqttError as exc:
                 log.warning("publishing paused, broker connection lost: %s", exc)
 
-    async def _publish_due(self, client: aiomqtt.Client) -> None:
-        """Commit the outbox (bounded wait), then publish statuses and alerts, in order."""
+    async def _commit_outbox(self) -> None:
+        """Write the new transitions (waiting at most ``db_timeout``) and queue their statuses and alerts.
+
+        The write is a compare-and-set: a transition another orchestrator
+        already recorded is not alerted twice. A slow database does not hold
+        an alert back; it is then sent from memory.
+        """
         batch, self._outbox = self._outbox, []
+        if not batch:
+            return
+        flips = self._submit_flips(batch)
+        committed = self._flip_waiters[-1]
+        lost: set[str] = set()
+        try:
+            lost = await asyncio.wait_for(asyncio.shield(committed), self.config.db_timeout)
+        except TimeoutError:
+            log.warning("database slow: publishing %d transitions before it confirms them", len(batch))
+        self._status_due.update(t.runtime_id for t in batch)
+        self._unsent_alerts += [f for f in flips if f.event is not None and f.runtime_id not in lost]
+        if lost:
+            self.stats["conflicts.recorded_elsewhere"] += len(lost)
+
+    async def _publish_due(self, client: aiomqtt.Client) -> None:
+        """Publish the statuses and alerts that are due, in order; mark the alerts notified."""
         due, self._status_due = self._status_due, set()
-        if batch:
-            committed = self._submit_flips(batch)
-            try:
-                await asyncio.wait_for(asyncio.shield(committed), self.config.db_timeout)
-            except TimeoutError:
-                log.warning("database slow: publishing %d transitions before it confirms them", len(batch))
-        due.update(t.runtime_id for t in batch)
-        alerts = self._unsent_alerts + [t for t in batch if t.event is not None]
-        self._unsent_alerts = []
+        alerts, self._unsent_alerts = self._unsent_alerts, []
         publishes = [self._publish_status(client, rid) for rid in due]
-        publishes += [self._publish_alert(client, t) for t in alerts]
+        publishes += [self._publish_alert(client, f) for f in alerts]
         try:
             for start in range(0, len(publishes), 1000):
                 await asyncio.gather(*publishes[start : start + 1000])
@@ -627,6 +676,34 @@ class Orchestrator:
             self._status_due |= due
             raise
         self.stats["alerts"] += len(alerts)
+        self._notified(alerts)
+
+    def _notified(self, flips: list[FlipRow]) -> None:
+        """Every channel has these: the database marks them, so no restart sends them again."""
+        if flips:
+            self._notified_keys.update(f.key for f in flips)
+            self._writer_wake.set()
+
+    async def _redeliver(self) -> None:
+        """Send the notices owed from before: flips committed but never notified (a crash, a lost link).
+
+        Runs at start and every ``outbox_interval``; only flips whose lease
+        ran out are taken, so notices another live orchestrator is sending
+        are left to it.
+        """
+        while True:
+            client = self._client
+            if client is not None and self.ready.is_set():
+                try:
+                    owed = await self._db(self.store.claim_unnotified, time.time(), self.config.outbox_lease)
+                except Exception as exc:
+                    log.warning("cannot read the outbox: %s", exc)
+                    owed = []
+                if owed:
+                    log.info("sending %d notices owed from before", len(owed))
+                    self._unsent_alerts += owed
+                    self._outbox_wake.set()
+            await asyncio.sleep(self.config.outbox_interval)
 
     async def _refresher(self) -> None:
         """Republish every retained status after a (re)connect, paced so verdicts and pulses come first.
@@ -666,22 +743,17 @@ class Orchestrator:
         )
         return client.publish(topic, payload, qos=1, retain=True)
 
-    def _publish_alert(self, client: aiomqtt.Client, t: Transition) -> Awaitable[None]:
-        assert t.event is not None
-        payload = protocol.encode_alert(
-            t.event,
-            t.runtime_id,
-            at=self.clock.wall(t.at),
-            last_seen=self.clock.wall_or_none(t.last_seen),
-            reason=t.reason,
-        )
+    def _publish_alert(self, client: aiomqtt.Client, f: FlipRow) -> Awaitable[None]:
+        assert f.event is not None
+        payload = protocol.encode_alert(f.event, f.runtime_id, at=f.at, last_seen=f.last_seen, reason=f.reason)
         return client.publish(self.topics.alerts, payload, qos=1)
 
     # --- writer: the database thread's queue --------------------------------
 
-    def _submit_flips(self, batch: list[Transition]) -> asyncio.Future[None]:
+    def _submit_flips(self, batch: list[Transition]) -> list[FlipRow]:
+        """Queue the transitions for the writer; the newest waiter in ``_flip_waiters`` is theirs."""
         wall = self.clock.wall
-        self._pending_flips.extend(
+        flips = [
             FlipRow(
                 t.runtime_id,
                 t.old.value,
@@ -692,11 +764,12 @@ class Orchestrator:
                 self.clock.wall_or_none(t.last_seen),
             )
             for t in batch
-        )
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ]
+        self._pending_flips.extend(flips)
+        future: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
         self._flip_waiters.append(future)
         self._writer_wake.set()
-        return future
+        return flips
 
     def counters(self) -> dict[str, Any]:
         """What the orchestrator has done so far, for the stats topic and the shutdown log."""
@@ -741,30 +814,40 @@ class Orchestrator:
                 self._writer_wake.set()
 
     async def _write_once(self) -> bool:
-        """One transaction with every pending flip (and the last-seen batch when due)."""
+        """One transaction: every pending flip, notified marks, and the last-seen batch when due."""
         flips, self._pending_flips = self._pending_flips, []
         waiters, self._flip_waiters = self._flip_waiters, []
+        marks, self._notified_keys = self._notified_keys, set()
         seen: dict[str, float] = {}
+        alive_at = None
         if self._flush_seen:
             self._flush_seen = False
             wall = self.clock.wall
             seen = {rid: wall(mono) for rid, mono in self.detector.take_seen().items()}
-        if not flips and not seen:
-            _resolve(waiters)
+            alive_at = time.time()
+        if not flips and not seen and not marks and alive_at is None:
+            _resolve(waiters, set())
             return True
+        now = time.time()
+        # A notice that went out before its flip was written is written as notified.
+        flips = [dataclasses.replace(f, notified_at=now) if f.key in marks else f for f in flips]
         try:
-            await self._db(self.store.record, flips, seen)
+            record = functools.partial(
+                self.store.record, now=now, lease=self.config.outbox_lease, alive_at=alive_at, notified=list(marks)
+            )
+            lost = await self._db(record, flips, seen)
         except Exception as exc:
             log.error("database write failed (%d transitions kept for retry): %s", len(flips), exc)
             self._pending_flips[:0] = flips
             self._flip_waiters[:0] = waiters
+            self._notified_keys |= marks
             if seen:
                 self._flush_seen = True
                 self._restore_seen(seen)
             with contextlib.suppress(Exception):
                 await self._db(self.store.reconnect)
             return False
-        _resolve(waiters)
+        _resolve(waiters, lost)
         return True
 
     def _restore_seen(self, seen: dict[str, float]) -> None:
@@ -786,10 +869,10 @@ class Orchestrator:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
-def _resolve(waiters: list[asyncio.Future[None]]) -> None:
+def _resolve(waiters: list[asyncio.Future[set[str]]], lost: set[str]) -> None:
     for future in waiters:
         if not future.done():
-            future.set_result(None)
+            future.set_result(lost)
 
 
 def _response_to(properties: Properties | None) -> tuple[str | None, bytes | None]:

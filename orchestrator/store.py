@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import peewee
 from playhouse import db_url
+from playhouse.migrate import SchemaMigrator, migrate
 
 log = logging.getLogger("orchestrator.store")
 
@@ -52,7 +54,13 @@ class Runtime(BaseModel):
 
 
 class Flip(BaseModel):
-    """One state change, never updated: the history, and (later) the notification outbox."""
+    """One state change: the history, and the notification outbox.
+
+    Only the delivery columns ever change: ``claimed_until`` is a lease held
+    by the orchestrator sending the notice, ``notified_at`` is set once every
+    channel has it. A flip with an event and no ``notified_at`` whose lease
+    has run out is owed a notice (after a crash, by whoever reads it next).
+    """
 
     id = peewee.BigAutoField()
     runtime_id = peewee.CharField(max_length=128)
@@ -62,13 +70,28 @@ class Flip(BaseModel):
     reason = peewee.TextField(null=True)
     at = peewee.DoubleField()
     last_seen = peewee.DoubleField(null=True)
+    notified_at = peewee.DoubleField(null=True)
+    claimed_until = peewee.DoubleField(null=True)
 
     class Meta:
         table_name = "flip"
         indexes = ((("runtime_id", "at"), False),)
 
 
-MODELS: list[type[BaseModel]] = [Runtime, Flip]
+class Fact(BaseModel):
+    """Small facts about the orchestrator itself, such as when it was last known to be running."""
+
+    key = peewee.CharField(primary_key=True, max_length=64)
+    value = peewee.DoubleField()
+
+    class Meta:
+        table_name = "heartbeat_meta"
+
+
+Flip.add_index(Flip.index(Flip.claimed_until, where=Flip.notified_at.is_null(), name="flip_owed"))
+"""Partial index: the outbox scan reads only the flips still owed a notice."""
+
+MODELS: list[type[BaseModel]] = [Runtime, Flip, Fact]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +107,11 @@ class RuntimeRow:
 
 @dataclass(frozen=True, slots=True)
 class FlipRow:
-    """A transition as the database stores it (wall-clock times)."""
+    """A transition as the database stores it (wall-clock times).
+
+    ``notified_at`` is set when the notice went out before the database took
+    the flip (a slow or absent database never holds a notice back).
+    """
 
     runtime_id: str
     old_state: str
@@ -93,6 +120,12 @@ class FlipRow:
     reason: str | None
     at: float
     last_seen: float | None
+    notified_at: float | None = None
+
+    @property
+    def key(self) -> tuple[str, float]:
+        """Identifies the flip across the database and memory (one runtime, one instant)."""
+        return (self.runtime_id, self.at)
 
 
 def open_database(url: str) -> peewee.Database:
@@ -119,7 +152,21 @@ class Store:
     def open(self) -> None:
         """Connect and create the tables if they do not exist yet."""
         self.db.connect(reuse_if_open=True)
+        self._migrate()
         self.db.create_tables(MODELS, safe=True)
+
+    def _migrate(self) -> None:
+        """Add the columns a database made by an older version lacks."""
+        if not self.db.table_exists("flip"):
+            return
+        have = {c.name for c in self.db.get_columns("flip")}
+        missing = [f for f in (Flip.notified_at, Flip.claimed_until) if f.column_name not in have]
+        if missing:
+            migrator = SchemaMigrator.from_database(self.db)
+            with self.db.atomic():
+                migrate(*(migrator.add_column("flip", f.column_name, f) for f in missing))
+            # Flips written before the outbox existed were notified the old way.
+            Flip.update(notified_at=Flip.at).where(Flip.notified_at.is_null()).execute()
 
     def close(self) -> None:
         if not self.db.is_closed():
@@ -184,14 +231,61 @@ class Store:
                 Runtime.delete().where(Runtime.id.in_(chunk)).execute()
         self.transactions += 1
 
-    def record(self, flips: Sequence[FlipRow], seen: Mapping[str, float]) -> None:
-        """Append flips, set each runtime's current state, and store last-seen times: one transaction."""
-        if not flips and not seen:
-            return
+    def record(
+        self,
+        flips: Sequence[FlipRow],
+        seen: Mapping[str, float],
+        *,
+        now: float | None = None,
+        lease: float = 30.0,
+        alive_at: float | None = None,
+        notified: Sequence[tuple[str, float]] = (),
+    ) -> set[str]:
+        """Append flips, set each runtime's current state, and store last-seen times: one transaction.
+
+        The state change is a compare-and-set: a runtime whose stored state is
+        no longer the batch's first ``old_state`` (another orchestrator got
+        there first, or it was deregistered) keeps it, and its flips are not
+        written. Returns those runtimes' IDs, so their notices are not sent
+        twice. Flips with an event are written claimed for ``lease`` seconds
+        by the caller, who is about to notify them; ``notified`` marks earlier
+        flips ``(runtime_id, at)`` as notified. ``alive_at`` records when this
+        orchestrator was last known to be running.
+        """
+        if not flips and not seen and alive_at is None and not notified:
+            return set()
+        now = time.time() if now is None else now
+        claim = now + lease
+        lost: set[str] = set()
         with self.db.atomic():
-            for chunk in peewee.chunked(flips, _BATCH):
+            chains: dict[str, list[FlipRow]] = {}
+            for f in flips:
+                chains.setdefault(f.runtime_id, []).append(f)
+            won: set[str] = set()
+            for part in peewee.chunked(list(chains.items()), _BATCH):
+                rows = [
+                    (rid, chain[0].old_state, chain[-1].new_state, chain[-1].at, chain[-1].reason)
+                    for rid, chain in part
+                ]
+                won.update(self._compare_and_set(rows))
+            lost = set(chains) - won
+            written = [f for f in flips if f.runtime_id in won]
+            for chunk in peewee.chunked(written, _BATCH):
                 Flip.insert_many(
-                    [(f.runtime_id, f.old_state, f.new_state, f.event, f.reason, f.at, f.last_seen) for f in chunk],
+                    [
+                        (
+                            f.runtime_id,
+                            f.old_state,
+                            f.new_state,
+                            f.event,
+                            f.reason,
+                            f.at,
+                            f.last_seen,
+                            f.notified_at,
+                            claim if f.event is not None and f.notified_at is None else None,
+                        )
+                        for f in chunk
+                    ],
                     fields=[
                         Flip.runtime_id,
                         Flip.old_state,
@@ -200,16 +294,106 @@ class Store:
                         Flip.reason,
                         Flip.at,
                         Flip.last_seen,
+                        Flip.notified_at,
+                        Flip.claimed_until,
                     ],
                 ).execute()
-            latest: dict[str, FlipRow] = {f.runtime_id: f for f in flips}
-            for chunk in peewee.chunked(list(latest.values()), _BATCH):
-                self._update_from(
-                    [(f.runtime_id, f.new_state, f.at, f.reason) for f in chunk], ("state", "since", "reason")
-                )
             for pairs in peewee.chunked(list(seen.items()), _BATCH):
                 self._update_from(pairs, ("last_seen",))
+            self._mark_notified(notified, now)
+            if alive_at is not None:
+                Fact.insert(key="alive_at", value=alive_at).on_conflict(
+                    conflict_target=[Fact.key], update={Fact.value: alive_at}
+                ).execute()
         self.transactions += 1
+        if lost:
+            log.info("%d state changes were already recorded by another writer; not notifying them", len(lost))
+        return lost
+
+    def _compare_and_set(self, rows: Sequence[tuple[str, str, str, float, str | None]]) -> list[str]:
+        """Set ``(id, old, new, since, reason)`` where the state is still ``old``; the IDs that changed."""
+        values = peewee.ValuesList(rows).cte("v", columns=("rid", "old", "state", "since", "reason"))
+        cols = {"state": values.c.state, "since": values.c.since, "reason": values.c.reason}
+        old: Any = values.c.old
+        if isinstance(self.db, peewee.PostgresqlDatabase):
+            cols = {
+                "state": peewee.Cast(values.c.state, "VARCHAR"),
+                "since": peewee.Cast(values.c.since, "DOUBLE PRECISION"),
+                "reason": peewee.Cast(values.c.reason, "TEXT"),
+            }
+            old = peewee.Cast(values.c.old, "VARCHAR")
+        query = (
+            Runtime.update(**cols)
+            .from_(values)
+            .where((Runtime.id == values.c.rid) & (Runtime.state == old))
+            .with_cte(values)
+            .returning(Runtime.id)
+        )
+        return [row.id for row in query.execute()]
+
+    def alive_at(self) -> float | None:
+        """When an orchestrator last recorded that it was running on this database (None: never)."""
+        row = Fact.get_or_none(Fact.key == "alive_at")
+        return None if row is None else float(row.value)
+
+    def claim_unnotified(self, now: float, *, lease: float = 30.0, limit: int = 1000) -> list[FlipRow]:
+        """Take (for ``lease`` seconds) flips owed a notice: written, never notified, lease run out.
+
+        A compare-and-set, so two orchestrators never both take the same flip.
+        """
+        owed = (
+            Flip.select(Flip.id)
+            .where(
+                Flip.notified_at.is_null()
+                & Flip.event.is_null(False)
+                & (Flip.claimed_until.is_null() | (Flip.claimed_until < now))
+            )
+            .order_by(Flip.id)
+            .limit(limit)
+        )
+        with self.db.atomic():
+            ids = [row.id for row in owed]
+            if not ids:
+                return []
+            query = (
+                Flip.update(claimed_until=now + lease)
+                .where(
+                    Flip.id.in_(ids)
+                    & Flip.notified_at.is_null()
+                    & (Flip.claimed_until.is_null() | (Flip.claimed_until < now))
+                )
+                .returning(
+                    Flip.runtime_id, Flip.old_state, Flip.new_state, Flip.event, Flip.reason, Flip.at, Flip.last_seen
+                )
+            )
+            rows = [
+                FlipRow(r.runtime_id, r.old_state, r.new_state, r.event, r.reason, r.at, r.last_seen)
+                for r in query.execute()
+            ]
+        self.transactions += 1
+        return sorted(rows, key=lambda f: f.at)
+
+    def mark_notified(self, keys: Sequence[tuple[str, float]], when: float) -> None:
+        """Record that the flips ``(runtime_id, at)`` have been notified on every channel."""
+        if not keys:
+            return
+        with self.db.atomic():
+            self._mark_notified(keys, when)
+        self.transactions += 1
+
+    def _mark_notified(self, keys: Sequence[tuple[str, float]], when: float) -> None:
+        for chunk in peewee.chunked(keys, _BATCH):
+            values = peewee.ValuesList(list(chunk)).cte("v", columns=("rid", "at"))
+            at: Any = values.c.at
+            if isinstance(self.db, peewee.PostgresqlDatabase):
+                at = peewee.Cast(values.c.at, "DOUBLE PRECISION")
+            (
+                Flip.update(notified_at=when)
+                .from_(values)
+                .where((Flip.runtime_id == values.c.rid) & (Flip.at == at) & Flip.notified_at.is_null())
+                .with_cte(values)
+                .execute()
+            )
 
     def _update_from(self, rows: Sequence[tuple[Any, ...]], columns: tuple[str, ...]) -> None:
         """``WITH v AS (VALUES ...) UPDATE runtime SET ... FROM v WHERE id = v.rid``: one statement per chunk."""

@@ -347,3 +347,22 @@ def encode_alert(event: str, runtime_id: str, *, at: float, last_seen: float | N
     return json.dumps(
         {"event": event, "id": runtime_id, "at": iso(at), "last_seen": iso(last_seen), "reason": reason}
     ).encode()
+
+
+def encode_monitor_down(*, since: float, back: float, runtimes: int) -> bytes:
+    """The one alert after the orchestrator was down long enough to have missed a death.
+
+    ``since`` is when it was last known to be running, ``back`` when it
+    restarted; runtimes that died meanwhile are alerted after the start-up window.
+    """
+    return json.dumps(
+        {
+            "event": "monitor_down",
+            "id": None,
+            "at": iso(back),
+            "since": iso(since),
+            "down_for_s": round(back - since, 1),
+            "runtimes": runtimes,
+            "reason": f"the orchestrator was not running for about {back - since:.0f} s",
+        }
+    ).encode()

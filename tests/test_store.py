@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import peewee
 import pytest
 
 from orchestrator.store import FlipRow, Runtime, RuntimeRow, Store
@@ -177,8 +179,14 @@ def test_record_of_more_than_one_chunk_updates_every_runtime(store: Store) -> No
     assert {(r.state, r.since, r.last_seen) for r in loaded} == {("alive", T0 + 1, T0 + 2)}
 
 
+def chain(runtime_id: str, n: int) -> list[FlipRow]:
+    """``n`` consistent flips of one runtime: unknown, then alive and dead in turn, a second apart."""
+    states = ["unknown"] + ["alive", "dead"] * n
+    return [flip(runtime_id, states[i], states[i + 1], T0 + i) for i in range(n)]
+
+
 def test_record_of_more_than_one_chunk_appends_every_flip(store: Store) -> None:
-    flips = [flip("rt-a", "alive", "dead", T0 + i) for i in range(1201)]
+    flips = chain("rt-a", 1201)
     store.register([("rt-a", 1.0, 1.0)], T0)
     store.record(flips, {})
     assert len(store.history("rt-a", limit=5000)) == 1201
@@ -219,9 +227,8 @@ def test_deregister_of_more_than_one_chunk_deletes_every_runtime(store: Store) -
 
 def test_history_is_newest_first(store: Store) -> None:
     store.register([("rt-a", 1.0, 1.0)], T0)
-    flips = [flip("rt-a", "unknown", "alive", T0 + 1), flip("rt-a", "alive", "dead", T0 + 5)]
-    store.record([flips[1]], {})
-    store.record([flips[0]], {})  # stored later, but happened earlier
+    store.record([flip("rt-a", "unknown", "alive", T0 + 1)], {})
+    store.record([flip("rt-a", "alive", "dead", T0 + 5)], {})
     assert [f.at for f in store.history("rt-a")] == [T0 + 5, T0 + 1]
 
 
@@ -234,7 +241,7 @@ def test_history_puts_the_later_stored_of_simultaneous_flips_first(store: Store)
 
 def test_history_is_limited_to_the_newest(store: Store) -> None:
     store.register([("rt-a", 1.0, 1.0)], T0)
-    store.record([flip("rt-a", "alive", "dead", T0 + i) for i in range(10)], {})
+    store.record(chain("rt-a", 10), {})
     assert [f.at for f in store.history("rt-a", limit=3)] == [T0 + 9, T0 + 8, T0 + 7]
 
 
@@ -299,3 +306,86 @@ def test_sqlite_database_file_is_in_wal_mode(tmp_path: Path) -> None:
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as reader:
         assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+# --- compare-and-set ----------------------------------------------------------------
+
+
+def test_record_skips_a_runtime_whose_stored_state_moved_on(store: Store) -> None:
+    """Two orchestrators saw the same death: the second writer's flip is refused and reported."""
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    store.record([flip("rt-a", "unknown", "alive", T0 + 1)], {})
+    first = flip("rt-a", "alive", "dead", T0 + 3, event="dead")
+    second = flip("rt-a", "alive", "dead", T0 + 3.1, event="dead")
+    assert store.record([first], {}) == set()
+    assert store.record([second], {}) == {"rt-a"}
+    assert store.history("rt-a")[0] == first
+
+
+def test_record_of_a_deregistered_runtime_writes_no_flip(store: Store) -> None:
+    assert store.record([flip("rt-gone", "alive", "dead", T0, event="dead")], {}) == {"rt-gone"}
+    assert store.history("rt-gone") == []
+
+
+# --- outbox -------------------------------------------------------------------------
+
+
+def test_a_flip_with_an_event_is_owed_once_its_lease_runs_out(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    dead = flip("rt-a", "unknown", "dead", T0 + 1, event="dead")
+    store.record([dead], {}, now=T0 + 1, lease=10)
+    assert store.claim_unnotified(T0 + 5) == []  # the writer is still notifying it
+    assert store.claim_unnotified(T0 + 12) == [dead]
+
+
+def test_a_claimed_flip_is_not_claimed_again_within_the_lease(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    store.record([flip("rt-a", "unknown", "dead", T0 + 1, event="dead")], {}, now=T0, lease=0)
+    assert len(store.claim_unnotified(T0 + 2, lease=10)) == 1
+    assert store.claim_unnotified(T0 + 3, lease=10) == []
+
+
+def test_a_notified_flip_is_never_owed(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    dead = flip("rt-a", "unknown", "dead", T0 + 1, event="dead")
+    store.record([dead], {}, now=T0, lease=0)
+    store.mark_notified([dead.key], T0 + 2)
+    assert store.claim_unnotified(T0 + 100) == []
+
+
+def test_a_flip_notified_before_it_was_written_is_never_owed(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    dead = flip("rt-a", "unknown", "dead", T0 + 1, event="dead")
+    store.record([FlipRow(*dataclasses.astuple(dead)[:-1], notified_at=T0 + 1)], {}, now=T0, lease=0)
+    assert store.claim_unnotified(T0 + 100) == []
+
+
+def test_a_flip_without_an_event_is_never_owed(store: Store) -> None:
+    store.register([("rt-a", 1.0, 1.0)], T0)
+    store.record([flip("rt-a", "unknown", "alive", T0 + 1)], {}, now=T0, lease=0)
+    assert store.claim_unnotified(T0 + 100) == []
+
+
+def test_alive_at_is_remembered(store: Store) -> None:
+    assert store.alive_at() is None
+    store.record([], {}, alive_at=T0)
+    store.record([], {}, alive_at=T0 + 5)
+    assert store.alive_at() == T0 + 5
+
+
+def test_an_old_database_gets_the_outbox_columns_with_history_counted_as_notified(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    db = peewee.SqliteDatabase(str(tmp_path / "old.db"))
+    db.execute_sql(
+        "CREATE TABLE flip (id INTEGER PRIMARY KEY, runtime_id VARCHAR(128), old_state VARCHAR(16),"
+        " new_state VARCHAR(16), event VARCHAR(16), reason TEXT, at REAL, last_seen REAL)"
+    )
+    db.execute_sql("INSERT INTO flip VALUES (1, 'rt-a', 'alive', 'dead', 'dead', 'x', 1.0, NULL)")
+    db.close()
+    store = Store(url)
+    store.open()
+    try:
+        assert store.claim_unnotified(T0 + 100) == []
+        assert len(store.history("rt-a")) == 1
+    finally:
+        store.close()

@@ -124,6 +124,8 @@ class Orchestrator:
         self._link_lost: asyncio.Future[None] | None = None
         """Set when the link fails its echo; the connection loop then reconnects."""
         self._early_sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._pending_wills: list[tuple[str, float, int | None]] = []
+        """Wills received (runtime, receipt time, session), applied once an echo proves the link."""
         self._downtime: tuple[float, float] | None = None
         """(last known alive, restarted) when the monitor was down long enough to miss a death."""
 
@@ -389,7 +391,7 @@ class Orchestrator:
                 if message.state == "online":
                     transition = self.detector.online(runtime_id, now, message.session, live=not retained)
                 elif message.state == "offline":
-                    transition = self.detector.offline(runtime_id, now, message.session, live=not retained)
+                    transition = self._will(runtime_id, now, message.session, live=not retained)
                 else:
                     transition = self.detector.stopped(runtime_id, now, message.session)
                 self.stats["state_messages"] += 1
@@ -411,6 +413,29 @@ class Orchestrator:
             return
         if transition is not None:
             self._emit(transition)
+
+    def _will(self, runtime_id: str, now: float, session: int | None, *, live: bool) -> Transition | None:
+        """A live will is applied by the watcher after an echo proves the link (see ``_watcher``).
+
+        A broker going down sends every will at once, then drops us too: those
+        wills say nothing about the runtimes, and the failed echo tells.
+        """
+        if not live:
+            return self.detector.offline(runtime_id, now, session, live=False)
+        if runtime_id not in self.detector:
+            raise NotRegistered(runtime_id)
+        self._pending_wills.append((runtime_id, now, session))
+        self._rearm.set()
+        return None
+
+    def apply_wills(self) -> None:
+        """Apply the wills received so far, as of their receipt: the link has just proved itself."""
+        wills, self._pending_wills = self._pending_wills, []
+        for runtime_id, received, session in wills:
+            with contextlib.suppress(NotRegistered):  # deregistered meanwhile
+                transition = self.detector.offline(runtime_id, received, session)
+                if transition is not None:
+                    self._emit(transition)
 
     def on_pulse(self, runtime_id: str, payload: bytes, now: float) -> None:
         """The hot path: one pulse, from either connection. Decodes only a non-empty payload."""
@@ -595,6 +620,7 @@ class Orchestrator:
             now = time.monotonic()
             if self.detector.suspended:
                 # Cut off from the broker: whoever falls due is unknown, not dead (no alert).
+                self._pending_wills.clear()
                 for transition in self.detector.expire(now):
                     self._emit(transition)
                 continue
@@ -602,8 +628,10 @@ class Orchestrator:
                 self.stats["stalls"] += 1
                 log.warning("stalled for %.1f s: restarting the watch instead of judging", now - deadline)
                 self.detector.resume(now)
+                if self._pending_wills:
+                    self._rearm.set()  # wills are news, not silence: still apply them
                 continue
-            if not self.detector.overdue(now):
+            if not self._pending_wills and not self.detector.overdue(now):
                 continue
             round_trip = await self._echo()
             if round_trip is None:
@@ -612,10 +640,14 @@ class Orchestrator:
                     "no echo from the broker within %.1f s: the link is broken, judging nobody until it is back",
                     self.config.echo_timeout,
                 )
+                if self._pending_wills:
+                    log.warning("ignoring %d wills received as the link failed", len(self._pending_wills))
+                    self._pending_wills.clear()
                 self.detector.suspend()
                 if self._link_lost is not None and not self._link_lost.done():
                     self._link_lost.set_result(None)
                 continue
+            self.apply_wills()
             # A pulse takes about as long through the broker as our echo did: judge as of that long
             # ago, so a congested broker (pulses sent in time, delivered late) kills nobody.
             for transition in self.detector.expire(time.monotonic() - round_trip):

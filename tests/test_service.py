@@ -39,12 +39,17 @@ def registered(orchestrator: Orchestrator) -> str:
     return "rt-1"
 
 
-def deliver(orchestrator: Orchestrator, *messages: tuple[str, bytes, bool]) -> None:
-    """Hand ``(topic, payload, retained)`` messages to ``handle()`` in order, inside an event loop."""
+def deliver(orchestrator: Orchestrator, *messages: tuple[str, bytes, bool], link_ok: bool = True) -> None:
+    """Hand ``(topic, payload, retained)`` messages to ``handle()`` in order, inside an event loop.
+
+    With ``link_ok`` the wills are then applied, as the watcher does once its echo returns.
+    """
 
     async def handle_all() -> None:
         for topic, payload, retained in messages:
             orchestrator.handle(topic, payload, retained)
+        if link_ok:
+            orchestrator.apply_wills()
 
     asyncio.run(handle_all())
 
@@ -208,6 +213,12 @@ def test_will_without_a_known_session_kills_a_runtime_registered_directly(
     assert orchestrator.detector.view(registered).state is State.DEAD
 
 
+def test_a_will_waits_for_the_link_to_prove_itself(orchestrator: Orchestrator, registered: str) -> None:
+    """A broker going down sends every will at once: none counts before an echo comes back."""
+    deliver(orchestrator, (TOPICS.state(registered), protocol.encode_state("offline"), False), link_ok=False)
+    assert orchestrator.detector.view(registered).state is State.ALIVE
+
+
 def birth_then_registration(orchestrator: Orchestrator, *wills: bytes) -> State:
     """Birth (session SESSION) of an unregistered runtime, its interval request, then the given wills.
 
@@ -221,6 +232,7 @@ def birth_then_registration(orchestrator: Orchestrator, *wills: bytes) -> State:
             await until(lambda: "rt-new" in orchestrator.detector)
             for will in wills:
                 orchestrator.handle(TOPICS.state("rt-new"), will, False)
+            orchestrator.apply_wills()  # as the watcher does once its echo returns
             return orchestrator.detector.view("rt-new").state
 
     return asyncio.run(asyncio.wait_for(scenario(), 20))

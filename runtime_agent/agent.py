@@ -520,11 +520,12 @@ class Agent(AgentState):
         if self._refusal is not None:
             raise ConnectError(self._settings.refusal_message(self._refusal))
         if not self._connack_seen:
-            raise ConnectError(
-                self._settings.connect_message(
-                    "the broker accepted TCP but sent no CONNACK (if this port speaks TLS, use mqtts://)"
-                )
+            hint = (
+                "does the broker require a client certificate it trusts (tls_cert)?"
+                if self._settings.address.tls
+                else "if this port speaks TLS, use mqtts://"
             )
+            raise ConnectError(self._settings.connect_message(f"the broker accepted TCP but sent no CONNACK ({hint})"))
         raise RegistrationTimeout(self._settings.timeout_message())
 
     def _succeed(self, reply: protocol.Reply) -> bool:

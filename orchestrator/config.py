@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 import yaml
 
 from runtime_agent.protocol import DEFAULT_PREFIX, Topics
-from runtime_agent.url import parse_broker_url
+from runtime_agent.url import BrokerAddress, check_tls_files, parse_broker_url, with_env_password
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,10 @@ class Config:
     keepalive: int = 30
     tls_ca: str | None = None
     """CA file for ``mqtts://`` brokers; the system store when omitted."""
+    tls_cert: str | None = None
+    """Client certificate (PEM) for brokers that authenticate clients by certificate; needs ``tls_key``."""
+    tls_key: str | None = None
+    """Private key (PEM) of ``tls_cert``."""
     flush_interval: float = 5.0
     """Seconds between batched writes of last-seen times."""
     db_timeout: float = 2.0
@@ -66,9 +71,15 @@ class Config:
     def __post_init__(self) -> None:
         if self.broker is not None:
             try:
-                parse_broker_url(self.broker)
+                address = parse_broker_url(self.broker)
             except ValueError as exc:
                 raise ConfigError(f"broker: {exc}") from None
+            try:
+                check_tls_files(address, self.tls_ca, self.tls_cert, self.tls_key)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        elif self.tls_cert is not None or self.tls_key is not None:
+            raise ConfigError("tls_cert and tls_key need an mqtts:// broker; the embedded broker has no TLS")
         _host_port("listen", self.listen)
         if not self.db.startswith(("sqlite:///", "postgres://", "postgresql://")):
             raise ConfigError(f"db: expected sqlite:///PATH or postgresql://..., got {self.db!r}")
@@ -106,6 +117,17 @@ class Config:
     @property
     def listen_address(self) -> tuple[str, int]:
         return _host_port("listen", self.listen)
+
+    def broker_address(self, url: str) -> BrokerAddress:
+        """Where to connect, with the password from ``HEARTBEAT_BROKER_PASSWORD`` if the URL names only a user."""
+        return with_env_password(parse_broker_url(url))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS settings of ``mqtts://`` as an SSLContext, for the pulse reader (the general client takes paths)."""
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert is not None:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
 
 
 def _host_port(name: str, value: str) -> tuple[str, int]:

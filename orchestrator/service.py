@@ -26,7 +26,6 @@ import functools
 import json
 import logging
 import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,6 @@ from paho.mqtt.properties import Properties
 
 from runtime_agent import protocol
 from runtime_agent.protocol import ProtocolError, Topics
-from runtime_agent.url import parse_broker_url
 
 from .broker import EmbeddedBroker, check_bindable
 from .config import Config
@@ -226,8 +224,14 @@ class Orchestrator:
 
     def _connect(self) -> aiomqtt.Client:
         assert self.broker_url is not None
-        address = parse_broker_url(self.broker_url)
-        tls = aiomqtt.TLSParameters(ca_certs=self.config.tls_ca) if address.tls else None
+        address = self.config.broker_address(self.broker_url)
+        tls = (
+            aiomqtt.TLSParameters(
+                ca_certs=self.config.tls_ca, certfile=self.config.tls_cert, keyfile=self.config.tls_key
+            )
+            if address.tls
+            else None
+        )
         client = aiomqtt.Client(
             address.host,
             address.port,
@@ -262,8 +266,8 @@ class Orchestrator:
 
     def _make_pulse_reader(self, topic_filters: list[str]) -> PulseReader:
         assert self.broker_url is not None
-        address = parse_broker_url(self.broker_url)
-        tls = ssl.create_default_context(cafile=self.config.tls_ca) if address.tls else None
+        address = self.config.broker_address(self.broker_url)
+        tls = self.config.ssl_context() if address.tls else None
         return PulseReader(
             host=address.host,
             port=address.port,

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import math
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from . import protocol
 from .exceptions import ConnectError, HeartbeatError, RegistrationRejected, RegistrationTimeout
-from .url import BrokerAddress, parse_broker_url
+from .url import BrokerAddress, check_tls_files, parse_broker_url, with_env_password
 
 log = logging.getLogger("runtime_agent")
 
@@ -63,6 +64,8 @@ class AgentSettings:
     client_id: str
     keepalive: int
     tls_ca: str | None
+    tls_cert: str | None
+    tls_key: str | None
     reconnect_min: float
     reconnect_max: float
 
@@ -79,6 +82,8 @@ class AgentSettings:
         client_id: str | None,
         keepalive: int | None,
         tls_ca: str | None,
+        tls_cert: str | None,
+        tls_key: str | None,
         reconnect_min: float,
         reconnect_max: float,
     ) -> AgentSettings:
@@ -86,7 +91,7 @@ class AgentSettings:
         runtime_id = protocol.check_id(runtime_id)
         interval = protocol.check_seconds("interval", interval)
         grace = None if grace is None else protocol.check_seconds("grace", grace)
-        address = parse_broker_url(broker)
+        address = with_env_password(parse_broker_url(broker))
         topics = protocol.Topics(prefix)
         timeout = _positive("timeout", timeout)
         reconnect_min = _positive("reconnect_min", reconnect_min)
@@ -101,8 +106,7 @@ class AgentSettings:
             client_id = default_client_id(runtime_id)
         elif not client_id:
             raise ValueError("client_id must not be empty")
-        if tls_ca is not None and not address.tls:
-            raise ValueError(f"tls_ca is set but the broker URL {address.url} is not mqtts://")
+        check_tls_files(address, tls_ca, tls_cert, tls_key)
         return cls(
             runtime_id=runtime_id,
             interval=interval,
@@ -113,6 +117,8 @@ class AgentSettings:
             client_id=client_id,
             keepalive=keepalive,
             tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
             reconnect_min=reconnect_min,
             reconnect_max=reconnect_max,
         )
@@ -129,7 +135,31 @@ class AgentSettings:
         )
 
     def connect_message(self, error: object) -> str:
-        return f"cannot connect to the broker at {self.url} within {self.timeout:g} s: {error}"
+        hint = ""
+        if isinstance(error, ssl.SSLCertVerificationError):
+            hint = "; is the CA file (tls_ca) the one that signed the broker's certificate?"
+        elif isinstance(error, ssl.SSLError) and self.address.tls:
+            hint = "; does this port speak TLS? (mqtt:// is plaintext, mqtts:// is TLS)"
+        return f"cannot connect to the broker at {self.url} within {self.timeout:g} s: {error}{hint}"
+
+    def refusal_message(self, reason: object) -> str:
+        """Why the broker said no, with what to check for the refusals that retrying cannot fix."""
+        hint = ""
+        if reason_value(reason) in AUTH_REFUSALS:
+            hint = "; check the user name and password (or client certificate) and the broker's access control"
+        return f"the broker at {self.url} refused the connection: {reason}{hint}"
+
+
+AUTH_REFUSALS: Final = frozenset({133, 134, 135, 138, 140})
+"""CONNACK reason codes that retrying cannot fix: client ID rejected, bad user name or password, not
+authorised, banned, bad authentication method. (paho maps MQTT 3.1.1's 2, 4 and 5 onto 133-135.)"""
+
+
+def reason_value(reason: object) -> int | None:
+    """The numeric reason code of a paho ReasonCode, an int, or an aiomqtt MqttCodeError."""
+    reason = getattr(reason, "rc", reason)
+    value = getattr(reason, "value", reason)
+    return value if isinstance(value, int) else None
 
 
 def _positive(name: str, value: float) -> float:
@@ -306,6 +336,8 @@ class Agent(AgentState):
         client_id: str | None = None,
         keepalive: int | None = None,
         tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
         check: Callable[[], bool] | None = None,
         reconnect_min: float = 0.5,
         reconnect_max: float = 5.0,
@@ -321,6 +353,8 @@ class Agent(AgentState):
                 client_id=client_id,
                 keepalive=keepalive,
                 tls_ca=tls_ca,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
                 reconnect_min=reconnect_min,
                 reconnect_max=reconnect_max,
             )
@@ -332,6 +366,8 @@ class Agent(AgentState):
         self._announced = False  # online and the interval went out on the current connection
         self._subscribe_mid: int | None = None
         self._connack_seen = False
+        self._refusal: ReasonCode | None = None
+        """The latest CONNACK refusal, so a start that times out can say why."""
         self._first: Future[protocol.Reply] = Future()
         self._stopping = threading.Event()
         self._wake = threading.Event()
@@ -442,7 +478,7 @@ class Agent(AgentState):
         if address.username is not None:
             client.username_pw_set(address.username, address.password)
         if address.tls:
-            client.tls_set(ca_certs=settings.tls_ca)
+            client.tls_set(ca_certs=settings.tls_ca, certfile=settings.tls_cert, keyfile=settings.tls_key)
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -481,8 +517,15 @@ class Agent(AgentState):
             return self._first.result(timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             pass
+        if self._refusal is not None:
+            raise ConnectError(self._settings.refusal_message(self._refusal))
         if not self._connack_seen:
-            raise ConnectError(self._settings.connect_message("the broker accepted TCP but sent no CONNACK"))
+            hint = (
+                "does the broker require a client certificate it trusts (tls_cert)?"
+                if self._settings.address.tls
+                else "if this port speaks TLS, use mqtts://"
+            )
+            raise ConnectError(self._settings.connect_message(f"the broker accepted TCP but sent no CONNACK ({hint})"))
         raise RegistrationTimeout(self._settings.timeout_message())
 
     def _succeed(self, reply: protocol.Reply) -> bool:
@@ -553,9 +596,13 @@ class Agent(AgentState):
     ) -> None:
         settings = self._settings
         if reason_code.is_failure:
-            error = ConnectError(f"the broker at {settings.url} refused the connection: {reason_code}")
-            if not self._fail(error):
-                log.error("%s; retrying", error)
+            # paho reconnects with backoff by itself. A start fails at once only on a refusal
+            # that retrying cannot fix (credentials, ACL); a busy broker gets until the timeout.
+            self._refusal = reason_code
+            message = settings.refusal_message(reason_code)
+            if reason_value(reason_code) in AUTH_REFUSALS and self._fail(ConnectError(message)):
+                return
+            log.error("%s; retrying with backoff", message)
             return
         self._connack_seen = True
         log.info("connected to %s (session %s)", settings.url, self._session)

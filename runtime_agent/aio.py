@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
@@ -26,6 +27,7 @@ from aiomqtt.exceptions import MqttConnectError
 
 from . import protocol
 from .agent import (
+    AUTH_REFUSALS,
     DEFAULT_BROKER,
     STOP_PUBLISH_TIMEOUT,
     AgentSettings,
@@ -33,6 +35,7 @@ from .agent import (
     new_session,
     next_pulse_at,
     parse_reply,
+    reason_value,
     rejection_text,
 )
 from .exceptions import ConnectError, HeartbeatError, RegistrationRejected, RegistrationTimeout
@@ -67,6 +70,8 @@ class AsyncAgent(AgentState):
         client_id: str | None = None,
         keepalive: int | None = None,
         tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
         check: Callable[[], bool | Awaitable[bool]] | None = None,
         reconnect_min: float = 0.5,
         reconnect_max: float = 5.0,
@@ -82,6 +87,8 @@ class AsyncAgent(AgentState):
                 client_id=client_id,
                 keepalive=keepalive,
                 tls_ca=tls_ca,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
                 reconnect_min=reconnect_min,
                 reconnect_max=reconnect_max,
             )
@@ -156,13 +163,15 @@ class AsyncAgent(AgentState):
                         await self._serve(client, session, started if first else None, deadline)
                         return
                 except MqttConnectError as exc:
-                    if first:
-                        _settle(started, ConnectError(f"the broker at {settings.url} refused the connection: {exc}"))
+                    # A start fails at once only on a refusal that retrying cannot fix (credentials, ACL).
+                    message = settings.refusal_message(exc)
+                    if first and (reason_value(exc) in AUTH_REFUSALS or loop.time() + delay >= deadline):
+                        _settle(started, ConnectError(message))
                         return
-                    log.error("the broker at %s refused the connection: %s; retrying in %g s", settings.url, exc, delay)
+                    log.error("%s; retrying in %g s", message, delay)
                 except aiomqtt.MqttError as exc:
                     if first and loop.time() + delay >= deadline:
-                        _settle(started, ConnectError(settings.connect_message(exc)))
+                        _settle(started, ConnectError(settings.connect_message(_tls_error(exc))))
                         return
                     level = logging.INFO if first else logging.DEBUG if outage else logging.WARNING
                     log.log(level, "connection to %s failed or lost: %s; retrying in %g s", settings.url, exc, delay)
@@ -206,7 +215,11 @@ class AsyncAgent(AgentState):
             clean_session=True,
             keepalive=settings.keepalive,
             timeout=timeout,
-            tls_params=aiomqtt.TLSParameters(ca_certs=settings.tls_ca) if address.tls else None,
+            tls_params=(
+                aiomqtt.TLSParameters(ca_certs=settings.tls_ca, certfile=settings.tls_cert, keyfile=settings.tls_key)
+                if address.tls
+                else None
+            ),
             logger=_mqtt_log,
         )
         # Bound the TCP connect too; aiomqtt exposes no option for it.
@@ -366,6 +379,12 @@ class AsyncAgent(AgentState):
     async def _wait_stop(self) -> None:
         assert self._stop_requested is not None
         await self._stop_requested.wait()
+
+
+def _tls_error(exc: aiomqtt.MqttError) -> BaseException:
+    """The SSL error behind an aiomqtt connect failure (it re-raises them as bare MqttError), for the hint."""
+    context = exc.__context__
+    return context if isinstance(context, ssl.SSLError) else exc
 
 
 def _settle(started: asyncio.Future[None], error: BaseException | None = None) -> bool:

@@ -2,8 +2,12 @@
 
 A thin layer over :class:`runtime_agent.Agent`. Exit status: 0 after a
 graceful stop, 1 when the agent could not start (broker, orchestrator), 2
-for bad arguments. Errors are one line on stderr; the single stdout line
-announces a successful registration, so scripts and tests can wait for it.
+for bad arguments. A broker that refuses the credentials (bad user name or
+password, not authorised) ends the start at once with status 1; other
+connection failures are retried until ``--timeout``. The password can come
+from ``HEARTBEAT_BROKER_PASSWORD`` instead of the URL, which ``ps`` shows.
+Errors are one line on stderr; the single stdout line announces a successful
+registration, so scripts and tests can wait for it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Register a runtime with the heartbeat orchestrator over MQTT and pulse until stopped.",
+        epilog="With --broker mqtts://USER@host, the password is read from $HEARTBEAT_BROKER_PASSWORD "
+        "(a password in the URL shows in process lists). See docs/security.md.",
     )
     parser.add_argument("--id", required=True, help="runtime ID: 1-128 characters of A-Z a-z 0-9 . _ - :")
     parser.add_argument("--interval", required=True, type=float, metavar="S", help="seconds between pulses")
@@ -36,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, metavar="S", help="extra seconds before the runtime counts as dead (default: interval)"
     )
     parser.add_argument(
-        "--broker", default=DEFAULT_BROKER, metavar="URL", help=f"mqtt:// or mqtts:// URL (default: {DEFAULT_BROKER})"
+        "--broker",
+        default=DEFAULT_BROKER,
+        metavar="URL",
+        help=f"mqtt://[user[:password]@]host[:port] or mqtts://... (default: {DEFAULT_BROKER})",
     )
     parser.add_argument(
         "--prefix", default=protocol.DEFAULT_PREFIX, help=f"topic prefix (default: {protocol.DEFAULT_PREFIX})"
@@ -54,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="shell command run before each pulse; the pulse is sent only if it exits 0 (time limit: the interval)",
     )
     parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate file for mqtts:// (default: system CAs)")
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="client certificate (PEM) for mqtts:// brokers that require one; needs --tls-key",
+    )
+    parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) of --tls-cert")
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -101,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix=args.prefix,
             timeout=args.timeout,
             tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
             check=shell_check(args.check, args.interval) if args.check else None,
         )
     except ValueError as exc:

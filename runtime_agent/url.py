@@ -6,10 +6,17 @@ same spelling and report mistakes the same way.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
 from urllib.parse import unquote, urlsplit
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+PASSWORD_ENV: Final = "HEARTBEAT_BROKER_PASSWORD"
+"""Where a broker password can come from instead of the URL, which every process list shows."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +76,35 @@ def parse_broker_url(url: str) -> BrokerAddress:
         username=username,
         password=password,
     )
+
+
+def with_env_password(address: BrokerAddress, environ: Mapping[str, str] | None = None) -> BrokerAddress:
+    """The address with its password taken from ``HEARTBEAT_BROKER_PASSWORD`` if the URL names a user but no password.
+
+    A password in a URL on a command line is visible to every local user
+    (``ps``); the environment is not. A password in the URL wins, as in libpq.
+    """
+    password = (os.environ if environ is None else environ).get(PASSWORD_ENV)
+    if address.username is None or address.password is not None or password is None:
+        return address
+    return dataclasses.replace(address, password=password)
+
+
+def check_tls_files(address: BrokerAddress, ca: str | None, cert: str | None, key: str | None) -> None:
+    """Raise ValueError, naming the option, unless the TLS files fit the URL and exist.
+
+    Checked before connecting so a typo is one clear message instead of a
+    retry loop of SSL errors. A client certificate needs its key (and vice
+    versa); all of them need an ``mqtts://`` URL.
+    """
+    given = {name: value for name, value in (("tls_ca", ca), ("tls_cert", cert), ("tls_key", key)) if value is not None}
+    if given and not address.tls:
+        raise ValueError(f"{', '.join(given)} set but the broker URL {address.url} is not mqtts://")
+    if (cert is None) != (key is None):
+        raise ValueError("tls_cert and tls_key go together: give both (client certificate and its key) or neither")
+    for name, value in given.items():
+        if not Path(value).is_file():
+            raise ValueError(f"{name}: no such file: {value}")
 
 
 def _redact(url: str) -> str:

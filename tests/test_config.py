@@ -315,3 +315,74 @@ def test_config_is_frozen() -> None:
 def test_config_validates_on_direct_construction() -> None:
     with pytest.raises(ConfigError, match=r"^keepalive:"):
         Config(keepalive=1)
+
+
+# --- TLS files and the broker password --------------------------------------------
+
+TLS_BROKER = "mqtts://hb~orchestrator@broker.example:8885"
+
+
+@pytest.fixture
+def pem_files(tmp_path: Path) -> dict[str, str]:
+    """Existing files standing in for CA, certificate and key: their content is read only on connect."""
+    files = {}
+    for name in ("tls_ca", "tls_cert", "tls_key"):
+        path = tmp_path / f"{name}.pem"
+        path.write_text("-----BEGIN PLACEHOLDER-----\n")
+        files[name] = str(path)
+    return files
+
+
+def test_tls_client_certificate_options_are_read_from_the_file(
+    write_config: WriteConfig, pem_files: dict[str, str]
+) -> None:
+    path = write_config("".join(f"{name}: {value}\n" for name, value in pem_files.items()) + f"broker: {TLS_BROKER}\n")
+    config = load_config(path)
+    assert (config.tls_ca, config.tls_cert, config.tls_key) == (
+        pem_files["tls_ca"],
+        pem_files["tls_cert"],
+        pem_files["tls_key"],
+    )
+
+
+@pytest.mark.parametrize("option", ["tls_ca", "tls_cert", "tls_key"])
+def test_missing_tls_file_is_an_error_naming_option_and_path(
+    tmp_path: Path, pem_files: dict[str, str], option: str
+) -> None:
+    missing = str(tmp_path / "nowhere.pem")
+    with pytest.raises(ConfigError, match=rf"^{option}: no such file: {re.escape(missing)}"):
+        load_config(broker=TLS_BROKER, **{**pem_files, option: missing})
+
+
+@pytest.mark.parametrize("alone", ["tls_cert", "tls_key"])
+def test_client_certificate_and_key_go_together(pem_files: dict[str, str], alone: str) -> None:
+    with pytest.raises(ConfigError, match=r"^tls_cert and tls_key go together"):
+        load_config(broker=TLS_BROKER, **{alone: pem_files[alone]})
+
+
+def test_tls_files_with_a_plaintext_broker_are_an_error(pem_files: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"not mqtts://"):
+        load_config(broker="mqtt://broker.example:1883", tls_cert=pem_files["tls_cert"], tls_key=pem_files["tls_key"])
+
+
+def test_client_certificate_without_a_broker_is_an_error(pem_files: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="embedded broker has no TLS"):
+        load_config(tls_cert=pem_files["tls_cert"], tls_key=pem_files["tls_key"])
+
+
+def test_broker_password_comes_from_the_environment_when_the_url_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEARTBEAT_BROKER_PASSWORD", "from-env")
+    config = load_config(broker=TLS_BROKER)
+    address = config.broker_address(TLS_BROKER)
+    assert (address.username, address.password) == ("hb~orchestrator", "from-env")
+
+
+def test_password_in_the_url_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEARTBEAT_BROKER_PASSWORD", "from-env")
+    url = "mqtts://hb~orchestrator:in-url@broker.example:8885"
+    assert load_config(broker=url).broker_address(url).password == "in-url"
+
+
+def test_environment_password_is_not_in_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEARTBEAT_BROKER_PASSWORD", "from-env")
+    assert "from-env" not in repr(load_config(broker=TLS_BROKER))

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from runtime_agent.url import BrokerAddress, parse_broker_url
+from runtime_agent.url import PASSWORD_ENV, BrokerAddress, parse_broker_url, with_env_password
 
 
 @pytest.mark.parametrize(
@@ -71,3 +71,17 @@ def test_address_is_frozen() -> None:
     address = parse_broker_url("mqtt://broker")
     with pytest.raises(AttributeError):
         address.port = 1  # type: ignore[misc]
+
+
+def test_password_from_the_environment_fills_a_url_with_only_a_user() -> None:
+    address = with_env_password(parse_broker_url("mqtts://rt-a@broker"), {PASSWORD_ENV: "s3cret"})
+    assert (address.username, address.password) == ("rt-a", "s3cret")
+
+
+def test_password_from_the_environment_needs_a_user_in_the_url() -> None:
+    assert with_env_password(parse_broker_url("mqtts://broker"), {PASSWORD_ENV: "s3cret"}).password is None
+
+
+def test_password_in_the_url_wins_over_the_environment() -> None:
+    address = with_env_password(parse_broker_url("mqtts://rt-a:mine@broker"), {PASSWORD_ENV: "s3cret"})
+    assert address.password == "mine"

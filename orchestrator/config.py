@@ -57,6 +57,8 @@ class Config:
     max_payload: int = 65_536
     reconnect_max: float = 10.0
     log_level: str = "INFO"
+    http: str | None = None
+    """``HOST:PORT`` of the web dashboard, ``/metrics`` and ``/healthz``; None serves nothing."""
 
     def __post_init__(self) -> None:
         if self.broker is not None:
@@ -65,6 +67,8 @@ class Config:
             except ValueError as exc:
                 raise ConfigError(f"broker: {exc}") from None
         _host_port("listen", self.listen)
+        if self.http is not None:
+            _host_port("http", self.http)
         if not self.db.startswith(("sqlite:///", "postgres://", "postgresql://")):
             raise ConfigError(f"db: expected sqlite:///PATH or postgresql://..., got {self.db!r}")
         try:
@@ -97,6 +101,10 @@ class Config:
     @property
     def listen_address(self) -> tuple[str, int]:
         return _host_port("listen", self.listen)
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        return None if self.http is None else _host_port("http", self.http)
 
 
 def _host_port(name: str, value: str) -> tuple[str, int]:

@@ -26,7 +26,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -43,6 +43,7 @@ from .broker import EmbeddedBroker, check_bindable
 from .config import Config
 from .detector import Detector, NotRegistered, State, Transition
 from .ingest import PulseReader, PulseReaderError
+from .metrics import LatencyHistogram
 from .store import FlipRow, RuntimeRow, Store, redact_url
 
 log = logging.getLogger("orchestrator")
@@ -120,6 +121,10 @@ class Orchestrator:
         self._link_lost: asyncio.Future[None] | None = None
         """Set when the link fails its echo; the connection loop then reconnects."""
         self._early_sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.listeners: list[Callable[[Transition], None]] = []
+        """Called with every transition on the event loop (the dashboard's change feed); each must be quick."""
+        self.verdict_latency = LatencyHistogram()
+        """Seconds from a runtime's deadline to its dead verdict, for ``/metrics``."""
 
     # --- life cycle ----------------------------------------------------------
 
@@ -149,6 +154,10 @@ class Orchestrator:
                 host, port = self.config.listen_address
                 broker = await stack.enter_async_context(EmbeddedBroker(host, port))
                 self.broker_url = broker.url
+            if self.config.http_address is not None:
+                from .web import WebServer  # imported here: only --http pays for aiohttp
+
+                await stack.enter_async_context(WebServer(self, *self.config.http_address))
             workers = [
                 asyncio.create_task(job(), name=job.__name__)
                 for job in (
@@ -325,6 +334,29 @@ class Orchestrator:
             key=lambda row: row.id,
         )
 
+    # --- what the web server reads (orchestrator.web.DashboardSource) --------
+
+    def runtimes(self) -> list[dict[str, Any]]:
+        return [_status(row) for row in self.rows()]
+
+    def runtime(self, runtime_id: str) -> dict[str, Any] | None:
+        if runtime_id not in self.detector:
+            return None
+        v = self.detector.view(runtime_id)
+        last_seen, since = self.clock.wall_or_none(v.last_seen), self.clock.wall(v.since)
+        return protocol.status_dict(runtime_id, v.state.value, v.interval, v.grace, last_seen, since, v.reason)
+
+    def is_ready(self) -> bool:
+        return self.ready.is_set()
+
+    def notification_stats(self) -> Mapping[tuple[str, str], int]:
+        """Notifications by ``(channel, outcome)``; none until notifications exist."""
+        return {}
+
+    def outbox_backlog(self) -> int:
+        """Transitions not yet stored or published."""
+        return len(self._outbox) + len(self._pending_flips) + len(self._unsent_alerts)
+
     # --- consumer: the hot path ----------------------------------------------
 
     async def _consume(self, client: aiomqtt.Client) -> None:
@@ -459,6 +491,11 @@ class Orchestrator:
     def _emit(self, transition: Transition) -> None:
         self._outbox.append(transition)
         self._outbox_wake.set()
+        for listener in self.listeners:
+            try:
+                listener(transition)
+            except Exception:  # a listener must never break judging
+                log.exception("transition listener failed")
         if transition.new is State.ALIVE:
             self._rearm.set()  # a revived runtime may now have the earliest deadline
         if transition.event == "dead":
@@ -806,6 +843,10 @@ def _response_to(properties: Properties | None) -> tuple[str | None, bytes | Non
 def _unsupported_version(exc: Exception) -> bool:
     rc = getattr(exc, "rc", None)
     return getattr(rc, "value", rc) in (1, 132)
+
+
+def _status(row: RuntimeRow) -> dict[str, Any]:
+    return protocol.status_dict(row.id, row.state, row.interval, row.grace, row.last_seen, row.since, row.reason)
 
 
 def _shown(value: str) -> str:

@@ -344,11 +344,11 @@ def test_metrics_count_runtimes_by_state(source: FakeSource) -> None:
 
 def test_metrics_read_the_pulse_and_rejection_counters(source: FakeSource) -> None:
     source.pulses = 42
-    source.rejected = {"unregistered": 3, "payload_too_large": 1}
+    source.rejected = {"unregistered": 3, "too_large": 1}
     samples = _scrape(source)
     assert samples[("heartbeat_pulses_received_total", ())] == 42
     assert samples[("heartbeat_pulses_rejected_total", (("reason", "unregistered"),))] == 3
-    assert samples[("heartbeat_pulses_rejected_total", (("reason", "payload_too_large"),))] == 1
+    assert samples[("heartbeat_pulses_rejected_total", (("reason", "too_large"),))] == 1
 
 
 def test_metrics_histogram_has_the_observed_latencies(source: FakeSource) -> None:

@@ -20,9 +20,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.broker import free_port
+from orchestrator.config import Config
 from orchestrator.detector import State, Transition
 from orchestrator.metrics import LatencyHistogram
+from orchestrator.service import Orchestrator
 from orchestrator.web import WebServer, WebStartError
+from runtime_agent import protocol
 
 from .harness import Deployment
 
@@ -413,6 +416,54 @@ def test_a_port_in_use_is_a_web_start_error_saying_so(source: FakeSource, held_p
 
     with pytest.raises(WebStartError, match=rf"127\.0\.0\.1:{held_port}: the address is already in use"):
         run(scenario())
+
+
+# --- the Orchestrator as a DashboardSource (not running) ------------------------------------------
+
+
+@pytest.fixture
+def orchestrator(sqlite_url: str) -> Orchestrator:
+    """An Orchestrator, not running, with ``rt-1`` registered straight into its detector."""
+    orchestrator = Orchestrator(Config(db=sqlite_url, broker="mqtt://127.0.0.1:1"))
+    orchestrator.detector.register("rt-1", 5.0, 5.0, time.monotonic())
+    return orchestrator
+
+
+def _stop(orchestrator: Orchestrator, runtime_id: str) -> None:
+    """Deliver a ``stopped`` state message, as the runtime would publish it (a transition)."""
+
+    async def deliver() -> None:
+        topic = protocol.Topics().state(runtime_id)
+        orchestrator.handle(topic, protocol.encode_state("stopped"), False)
+
+    asyncio.run(deliver())
+
+
+def test_orchestrator_calls_its_listeners_with_each_transition(orchestrator: Orchestrator) -> None:
+    seen: list[Transition] = []
+    orchestrator.listeners.append(seen.append)
+    _stop(orchestrator, "rt-1")
+    assert [(t.runtime_id, t.new) for t in seen] == [("rt-1", State.STOPPED)]
+
+
+def test_a_failing_listener_neither_stops_judging_nor_the_other_listeners(orchestrator: Orchestrator) -> None:
+    def broken(transition: Transition) -> None:
+        raise RuntimeError("boom")
+
+    seen: list[Transition] = []
+    orchestrator.listeners += [broken, seen.append]
+    _stop(orchestrator, "rt-1")
+    assert (orchestrator.detector.view("rt-1").state, len(seen)) == (State.STOPPED, 1)
+
+
+def test_orchestrator_runtime_is_its_status_object(orchestrator: Orchestrator) -> None:
+    status = orchestrator.runtime("rt-1")
+    assert status is not None
+    assert status == orchestrator.runtimes()[0]
+
+
+def test_orchestrator_runtime_of_an_unknown_id_is_none(orchestrator: Orchestrator) -> None:
+    assert orchestrator.runtime("nobody") is None
 
 
 # --- a real orchestrator ---------------------------------------------------------------------

@@ -10,14 +10,24 @@ import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
+import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, TextIO
 
-from runtime_agent.protocol import status_dict
+from runtime_agent.protocol import Topics, iso, status_dict
+from runtime_agent.url import parse_broker_url
 
 from .broker import BrokerStartError
 from .config import Config, ConfigError, load_config
-from .store import RuntimeRow, Store, redact_url
+from .store import FlipRow, RuntimeRow, Store, redact_url
+
+STATES = ("alive", "dead", "stopped", "unknown")
+COLORS = {"alive": "32", "dead": "1;31", "stopped": "33", "unknown": "2", "recovered": "32"}
+"""ANSI SGR codes per state (and alert event)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,15 +44,50 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--db", metavar="URL", help="database, sqlite:///PATH or postgresql://... (default heartbeat.db)")
     run.add_argument("--prefix", metavar="TOPIC", help="topic prefix (default heartbeat/v1)")
     run.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
+    run.add_argument("--http", metavar="HOST:PORT", help="serve the dashboard, /metrics and /healthz there (off)")
 
-    status = sub.add_parser("status", help="print every runtime's state from the database")
-    status.add_argument("--config", metavar="FILE", help="YAML configuration to take the database URL from")
-    status.add_argument("--db", metavar="URL", help="database URL (default sqlite:///heartbeat.db)")
+    status = sub.add_parser("status", help="print every runtime's state (from the database, or a running --http)")
+    _database_options(status)
     status.add_argument("--json", action="store_true", help="print a JSON list (the status topic's objects)")
+    status.add_argument("--http", metavar="URL", help="read a running orchestrator's memory (its --http address)")
+    status.add_argument(
+        "--watch", nargs="?", type=float, const=2.0, metavar="SECONDS", help="redraw every SECONDS (2) until Ctrl-C"
+    )
+    _color_option(status)
+
+    alerts = sub.add_parser("alerts", help="print the recent alerts, or follow new ones as they are published")
+    _database_options(alerts)
+    alerts.add_argument("--follow", "-f", action="store_true", help="subscribe to the alert topic and print each")
+    alerts.add_argument("--broker", metavar="URL", help="broker to follow (default: the config's, or its --listen)")
+    alerts.add_argument("--prefix", metavar="TOPIC", help="topic prefix (default heartbeat/v1)")
+    alerts.add_argument("--limit", type=int, default=20, metavar="N", help="how many recent alerts (default 20)")
+    alerts.add_argument("--json", action="store_true", help="one JSON alert object per line, as on the topic")
+    _color_option(alerts)
+
+    history = sub.add_parser("history", help="one runtime's transitions, with how long each state lasted")
+    history.add_argument("runtime_id", metavar="ID", help="the runtime's ID")
+    _database_options(history)
+    history.add_argument("--limit", type=int, default=20, metavar="N", help="how many recent transitions (20)")
+    history.add_argument("--json", action="store_true", help="print a JSON list, oldest first")
+    _color_option(history)
 
     demo = sub.add_parser("demo", help="a one-minute tour: embedded broker, orchestrator, three agents, one killed")
     demo.add_argument("--interval", type=float, default=1.0, metavar="S", help="the agents' interval (default 1 s)")
     return parser
+
+
+def _database_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration to take the database URL from")
+    parser.add_argument("--db", metavar="URL", help="database URL (default sqlite:///heartbeat.db)")
+
+
+def _color_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour states (auto: only on a terminal, and not when NO_COLOR is set)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,11 +101,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 db=args.db,
                 prefix=args.prefix,
                 log_level=args.log_level,
+                http=args.http,
             )
             return run(config)
         if args.command == "status":
             config = load_config(args.config, db=args.db)
-            return status(config, as_json=args.json)
+            if args.watch is not None and not 0.1 <= args.watch <= 86400:
+                raise ConfigError("--watch: between 0.1 and 86400 seconds")
+            color = use_color(args.color, sys.stdout)
+            return status(config, as_json=args.json, http=args.http, watch=args.watch, color=color)
+        if args.command == "alerts":
+            config = load_config(args.config, db=args.db, broker=args.broker, prefix=args.prefix)
+            color = use_color(args.color, sys.stdout)
+            if args.follow:
+                return follow_alerts(config, as_json=args.json, color=color)
+            return recent_alerts(config, limit=_positive("--limit", args.limit), as_json=args.json, color=color)
+        if args.command == "history":
+            config = load_config(args.config, db=args.db)
+            color = use_color(args.color, sys.stdout)
+            return history(
+                config, args.runtime_id, limit=_positive("--limit", args.limit), as_json=args.json, color=color
+            )
         from .demo import demo
 
         return demo(interval=args.interval)
@@ -98,29 +159,312 @@ def run(config: Config) -> int:
     return 0
 
 
-def status(config: Config, *, as_json: bool) -> int:
-    store = Store(config.db)
+class ReadError(Exception):
+    """The database or the orchestrator's web server could not be read; the message says which and why."""
+
+
+def _error(message: object) -> int:
+    print(f"heartbeat-orchestrator: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise ConfigError(f"{name}: a positive number, got {value}")
+    return value
+
+
+def use_color(mode: str, stream: TextIO) -> bool:
+    """``always``/``never`` as said; ``auto`` colours a terminal unless NO_COLOR is set (https://no-color.org)."""
+    if mode != "auto":
+        return mode == "always"
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+def paint(text: str, key: str | None, color: bool) -> str:
+    code = COLORS.get(key or "")
+    return f"\x1b[{code}m{text}\x1b[0m" if color and code else text
+
+
+class _Database:
+    """The database, opened once and read again on each call (so ``--watch`` does not reconnect every frame)."""
+
+    def __init__(self, config: Config) -> None:
+        self.url = config.db
+        self.store: Store | None = None
+
+    def __enter__(self) -> _Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    def read(self, fn: Callable[[Store], Any]) -> Any:
+        try:
+            if self.store is None:
+                self.store = Store(self.url)
+                self.store.open()
+            return fn(self.store)
+        except Exception as exc:
+            shown = redact_url(self.url)
+            raise ReadError(f"cannot read the database {shown}: {str(exc).replace(self.url, shown)}") from None
+
+
+def fetch_statuses(url: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """``GET {url}/api/runtimes`` of a running orchestrator (``run --http``)."""
+    base = url if "://" in url else f"http://{url}"
+    endpoint = base.rstrip("/") + "/api/runtimes"
     try:
-        store.open()
-        rows = store.load()
-    except Exception as exc:
-        error = str(exc).replace(config.db, redact_url(config.db))
-        print(
-            f"heartbeat-orchestrator: error: cannot read the database {redact_url(config.db)}: {error}", file=sys.stderr
-        )
-        return 1
-    finally:
-        store.close()
-    if as_json:
-        json.dump([_status(row) for row in rows], sys.stdout, indent=2)
-        print()
-    else:
-        print(format_table(rows, now=time.time()))
+        with urllib.request.urlopen(endpoint, timeout=timeout) as response:
+            data = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ReadError(f"cannot read {endpoint}: {reason}") from None
+    if not isinstance(data, list):
+        raise ReadError(f"{endpoint} did not return a JSON list")
+    return data
+
+
+def _wall(value: str | None) -> float | None:
+    return None if value is None else datetime.fromisoformat(value).timestamp()
+
+
+def row_from_status(obj: dict[str, Any]) -> RuntimeRow:
+    """A status object back into a row, for the table."""
+    since = _wall(obj["since"])
+    return RuntimeRow(
+        obj["id"],
+        obj["interval"],
+        obj["grace"],
+        obj["state"],
+        0.0 if since is None else since,
+        _wall(obj["last_seen"]),
+        obj["reason"],
+    )
+
+
+def status(
+    config: Config, *, as_json: bool, http: str | None = None, watch: float | None = None, color: bool = False
+) -> int:
+    with _Database(config) as db:
+
+        def read() -> list[dict[str, Any]]:
+            if http is not None:
+                return fetch_statuses(http)
+            rows: list[RuntimeRow] = db.read(lambda store: store.load())
+            return [_status(row) for row in rows]
+
+        if watch is not None:
+            return _watch(read, every=watch, as_json=as_json, color=color)
+        try:
+            statuses = read()
+        except ReadError as exc:
+            return _error(exc)
+        print(_render_status(statuses, as_json=as_json, color=color))
     return 0
+
+
+def _render_status(statuses: list[dict[str, Any]], *, as_json: bool, color: bool) -> str:
+    if as_json:
+        return json.dumps(statuses, indent=2)
+    return format_table([row_from_status(obj) for obj in statuses], now=time.time(), color=color)
+
+
+def _watch(read: Callable[[], list[dict[str, Any]]], *, every: float, as_json: bool, color: bool) -> int:
+    """Redraw until Ctrl-C (exit 0). On a terminal each frame replaces the last; in a pipe frames follow each other."""
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            try:
+                frame = _render_status(read(), as_json=as_json, color=color)
+            except ReadError as exc:
+                frame = f"error: {exc}"
+            stamp = time.strftime("%H:%M:%S")
+            sys.stdout.write(f"{clear}every {every:g} s, at {stamp} (Ctrl-C to stop)\n{frame}\n\n")
+            sys.stdout.flush()
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _status(row: RuntimeRow) -> dict[str, object]:
     return status_dict(row.id, row.state, row.interval, row.grace, row.last_seen, row.since, row.reason)
+
+
+# --- alerts ------------------------------------------------------------------------
+
+
+def format_alert(alert: dict[str, Any], *, color: bool = False) -> str:
+    """``2026-11-29T01:02:03Z  dead       worker-7  no pulse for 3.2 s``: one line per alert."""
+    at = alert.get("at") or ""
+    shown_at = f"{at[:19]}Z" if len(at) >= 19 else at
+    event = str(alert.get("event"))
+    return f"{shown_at}  {paint(event.ljust(9), event, color)}  {alert.get('id')}  {alert.get('reason') or ''}".rstrip()
+
+
+def _alert_of(flip: FlipRow) -> dict[str, Any]:
+    """A stored flip as the alert the orchestrator published for it."""
+    return {
+        "event": flip.event,
+        "id": flip.runtime_id,
+        "at": iso(flip.at),
+        "last_seen": iso(flip.last_seen),
+        "reason": flip.reason,
+    }
+
+
+def recent_alerts(config: Config, *, limit: int, as_json: bool, color: bool) -> int:
+    """The last ``limit`` flips that raised an alert, oldest first, from the database."""
+    from .store import Flip
+
+    def query(store: Store) -> list[FlipRow]:
+        fields = (Flip.runtime_id, Flip.old_state, Flip.new_state, Flip.event, Flip.reason, Flip.at, Flip.last_seen)
+        rows = (
+            Flip.select(*fields).where(Flip.event.is_null(False)).order_by(Flip.at.desc(), Flip.id.desc()).limit(limit)
+        )
+        return [FlipRow(*row) for row in rows.tuples().iterator()]
+
+    with _Database(config) as db:
+        try:
+            flips: list[FlipRow] = db.read(query)
+        except ReadError as exc:
+            return _error(exc)
+    for flip in reversed(flips):
+        alert = _alert_of(flip)
+        print(json.dumps(alert) if as_json else format_alert(alert, color=color))
+    return 0
+
+
+def follow_alerts(config: Config, *, as_json: bool, color: bool) -> int:
+    """Subscribe to the alert topic and print each alert as it arrives, until Ctrl-C (exit 0)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    if config.broker is not None:
+        address = parse_broker_url(config.broker)
+    else:
+        host, port = config.listen_address
+        address = parse_broker_url(f"mqtt://{f'[{host}]' if ':' in host else host}:{port}")
+    topic = Topics(config.prefix).alerts
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"heartbeat-alerts-{uuid.uuid4().hex[:8]}")
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    if address.tls:
+        client.tls_set(ca_certs=config.tls_ca)
+    client.reconnect_delay_set(1, 10)
+
+    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        if rc.is_failure:
+            print(f"heartbeat-orchestrator: broker {address.url} refused the connection: {rc}", file=sys.stderr)
+            return
+        client.subscribe(topic, qos=1)
+
+    def on_subscribe(client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any = None) -> None:
+        print(f"following {topic} on {address.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+    def on_disconnect(client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        print(f"lost the broker {address.url} ({rc}); reconnecting", file=sys.stderr, flush=True)
+
+    def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            alert = json.loads(message.payload)
+            if not isinstance(alert, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            print(f"skipped a malformed alert: {bytes(message.payload)[:200]!r}", file=sys.stderr, flush=True)
+            return
+        print(json.dumps(alert) if as_json else format_alert(alert, color=color), flush=True)
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_disconnect = on_disconnect
+    client.on_message = on_message
+    try:
+        client.connect(address.host, address.port, keepalive=30)
+    except OSError as exc:
+        return _error(f"cannot reach the broker {address.url}: {exc.strerror or exc}")
+    try:
+        client.loop_forever(retry_first_connection=False)
+    except KeyboardInterrupt:
+        client.disconnect()
+    return 0
+
+
+# --- history -------------------------------------------------------------------------
+
+
+def history_entries(flips: Sequence[FlipRow], *, now: float) -> list[dict[str, Any]]:
+    """Flips (any order) oldest first, each with how long the state it entered lasted (the last one: until now)."""
+    ordered = sorted(flips, key=lambda f: f.at)
+    entries = []
+    for i, flip in enumerate(ordered):
+        current = i == len(ordered) - 1
+        until = now if current else ordered[i + 1].at
+        entries.append(
+            {
+                "at": iso(flip.at),
+                "from": flip.old_state,
+                "to": flip.new_state,
+                "event": flip.event,
+                "reason": flip.reason,
+                "last_seen": iso(flip.last_seen),
+                "duration": round(max(0.0, until - flip.at), 3),
+                "current": current,
+            }
+        )
+    return entries
+
+
+def history(config: Config, runtime_id: str, *, limit: int, as_json: bool, color: bool) -> int:
+    with _Database(config) as db:
+        try:
+            flips: list[FlipRow] = db.read(lambda store: store.history(runtime_id, limit))
+        except ReadError as exc:
+            return _error(exc)
+    entries = history_entries(flips, now=time.time())
+    if as_json:
+        print(json.dumps(entries, indent=2))
+    elif not entries:
+        print(f"no transitions recorded for {runtime_id}", file=sys.stderr)
+        return 1
+    else:
+        print(format_history(entries, color=color))
+    return 0
+
+
+def format_history(entries: Sequence[dict[str, Any]], *, color: bool = False) -> str:
+    header = ("AT", "FROM", "TO", "FOR", "EVENT", "REASON")
+    lines = [
+        (
+            f"{e['at'][:19]}Z",
+            e["from"],
+            e["to"],
+            duration(e["duration"]) + (" (now)" if e["current"] else ""),
+            e["event"] or "",
+            e["reason"] or "",
+        )
+        for e in entries
+    ]
+    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=False)]
+    out = []
+    for line in (header, *lines):
+        cells = [x.ljust(w) for x, w in zip(line, widths, strict=True)]
+        if line is not header:
+            cells[2] = paint(line[2], line[2], color) + " " * (widths[2] - len(line[2]))
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def duration(seconds: float) -> str:
+    """'3.2 s', '5 min', '1.5 h', '2.0 d'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
 
 
 def ago(then: float | None, now: float) -> str:
@@ -137,15 +481,21 @@ def ago(then: float | None, now: float) -> str:
     return f"{delta / 86400:.1f} d ago"
 
 
-def format_table(rows: Sequence[RuntimeRow], *, now: float) -> str:
+def format_table(rows: Sequence[RuntimeRow], *, now: float, color: bool = False) -> str:
+    """The status table; with ``color``, states are painted (padding stays outside the escape codes)."""
     header = ("ID", "STATE", "INTERVAL", "GRACE", "LAST SEEN", "SINCE", "REASON")
     lines = [
         (r.id, r.state, f"{r.interval:g} s", f"{r.grace:g} s", ago(r.last_seen, now), ago(r.since, now), r.reason or "")
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
-    out = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in (header, *lines)]
+    out = []
+    for line in (header, *lines):
+        cells = [str(x).ljust(w) for x, w in zip(line, widths, strict=True)]
+        if line is not header:
+            cells[1] = paint(line[1], line[1], color) + " " * (widths[1] - len(line[1]))
+        out.append("  ".join(cells).rstrip())
     counts = Counter(r.state for r in rows)
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("alive", "dead", "stopped", "unknown") if counts[s])
+    summary = ", ".join(paint(f"{counts[s]} {s}", s, color) for s in STATES if counts[s])
     out.append(f"{len(rows)} runtime{'s' if len(rows) != 1 else ''}" + (f": {summary}" if summary else ""))
     return "\n".join(out)

@@ -67,6 +67,8 @@ class Config:
     max_payload: int = 65_536
     reconnect_max: float = 10.0
     log_level: str = "INFO"
+    http: str | None = None
+    """``HOST:PORT`` of the web dashboard, ``/metrics`` and ``/healthz``; None serves nothing."""
 
     def __post_init__(self) -> None:
         if self.broker is not None:
@@ -81,6 +83,8 @@ class Config:
         elif self.tls_cert is not None or self.tls_key is not None:
             raise ConfigError("tls_cert and tls_key need an mqtts:// broker; the embedded broker has no TLS")
         _host_port("listen", self.listen)
+        if self.http is not None:
+            _host_port("http", self.http)
         if not self.db.startswith(("sqlite:///", "postgres://", "postgresql://")):
             raise ConfigError(f"db: expected sqlite:///PATH or postgresql://..., got {self.db!r}")
         try:
@@ -128,6 +132,10 @@ class Config:
         if self.tls_cert is not None:
             context.load_cert_chain(self.tls_cert, self.tls_key)
         return context
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        return None if self.http is None else _host_port("http", self.http)
 
 
 def _host_port(name: str, value: str) -> tuple[str, int]:

@@ -27,7 +27,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,11 +38,13 @@ from paho.mqtt.properties import Properties
 
 from runtime_agent import protocol
 from runtime_agent.protocol import ProtocolError, Topics
+from runtime_agent.url import parse_broker_url
 
 from .broker import EmbeddedBroker, check_bindable
 from .config import Config
 from .detector import Detector, NotRegistered, State, Transition
 from .ingest import PulseReader, PulseReaderError
+from .metrics import LatencyHistogram
 from .store import FlipRow, RuntimeRow, Store, redact_url
 
 log = logging.getLogger("orchestrator")
@@ -94,6 +96,7 @@ class Orchestrator:
         self.ready = asyncio.Event()
         """Set while subscribed and judging; tests and the demo wait on it."""
         self.broker_url: str | None = config.broker
+
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heartbeat-db")
         self._client: aiomqtt.Client | None = None
         self._mqtt5 = config.mqtt_version != "3.1.1" and config.broker is not None  # amqtt speaks 3.1.1
@@ -126,6 +129,10 @@ class Orchestrator:
         """Wills received (runtime, receipt time, session), applied once an echo proves the link."""
         self._downtime: tuple[float, float] | None = None
         """(last known alive, restarted) when the monitor was down long enough to miss a death."""
+        self.listeners: list[Callable[[Transition], None]] = []
+        """Called with every transition on the event loop (the dashboard's change feed); each must be quick."""
+        self.verdict_latency = LatencyHistogram()
+        """Seconds from a runtime's deadline to its dead verdict, for ``/metrics``."""
 
     # --- life cycle ----------------------------------------------------------
 
@@ -156,6 +163,10 @@ class Orchestrator:
                 host, port = self.config.listen_address
                 broker = await stack.enter_async_context(EmbeddedBroker(host, port))
                 self.broker_url = broker.url
+            if self.config.http_address is not None:
+                from .web import WebServer  # imported here: only --http pays for aiohttp
+
+                await stack.enter_async_context(WebServer(self, *self.config.http_address))
             workers = [
                 asyncio.create_task(job(), name=job.__name__)
                 for job in (
@@ -207,7 +218,7 @@ class Orchestrator:
                             return
                 except (aiomqtt.MqttError, PulseReaderError) as exc:
                     if self._client is not None or self.ready.is_set():
-                        log.warning("lost the broker %s: %s", self.broker_url, exc)
+                        log.warning("lost the broker %s: %s", self.shown_broker, exc)
                     self._disconnected()
                     if self._probing_version:
                         # Never connected yet: a broker that refuses (or ignores) MQTT 5 gets 3.1.1 next.
@@ -215,12 +226,17 @@ class Orchestrator:
                         if not self._mqtt5 and _unsupported_version(exc):
                             log.info("broker does not speak MQTT 5; using MQTT 3.1.1")
                             continue
-                    log.warning("cannot reach the broker %s (%s); retrying in %.1f s", self.broker_url, exc, backoff)
+                    log.warning("cannot reach the broker %s (%s); retrying in %.1f s", self.shown_broker, exc, backoff)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(stopper), backoff)
                     backoff = min(backoff * 2, self.config.reconnect_max)
         finally:
             stopper.cancel()
+
+    @property
+    def shown_broker(self) -> str:
+        """The broker URL without its password, for logs."""
+        return "" if self.broker_url is None else parse_broker_url(self.broker_url).url
 
     def _connect(self) -> aiomqtt.Client:
         assert self.broker_url is not None
@@ -298,7 +314,7 @@ class Orchestrator:
         log.info(
             "ready: watching %d runtimes on %s (MQTT %s, prefix %s)",
             len(self.detector),
-            self.broker_url,
+            self.shown_broker,
             "5" if self._mqtt5 else "3.1.1",
             self.config.prefix,
         )
@@ -360,6 +376,29 @@ class Orchestrator:
             ),
             key=lambda row: row.id,
         )
+
+    # --- what the web server reads (orchestrator.web.DashboardSource) --------
+
+    def runtimes(self) -> list[dict[str, Any]]:
+        return [_status(row) for row in self.rows()]
+
+    def runtime(self, runtime_id: str) -> dict[str, Any] | None:
+        if runtime_id not in self.detector:
+            return None
+        v = self.detector.view(runtime_id)
+        last_seen, since = self.clock.wall_or_none(v.last_seen), self.clock.wall(v.since)
+        return protocol.status_dict(runtime_id, v.state.value, v.interval, v.grace, last_seen, since, v.reason)
+
+    def is_ready(self) -> bool:
+        return self.ready.is_set()
+
+    def notification_stats(self) -> Mapping[tuple[str, str], int]:
+        """Notifications by ``(channel, outcome)``; none until notifications exist."""
+        return {}
+
+    def outbox_backlog(self) -> int:
+        """Transitions not yet stored or published."""
+        return len(self._outbox) + len(self._pending_flips) + len(self._unsent_alerts)
 
     # --- consumer: the hot path ----------------------------------------------
 
@@ -518,6 +557,11 @@ class Orchestrator:
     def _emit(self, transition: Transition) -> None:
         self._outbox.append(transition)
         self._outbox_wake.set()
+        for listener in self.listeners:
+            try:
+                listener(transition)
+            except Exception:  # a listener must never break judging
+                log.exception("transition listener failed")
         if transition.new is State.ALIVE:
             self._rearm.set()  # a revived runtime may now have the earliest deadline
         if transition.event == "dead":
@@ -591,6 +635,19 @@ class Orchestrator:
         self._rearm.set()
         self._outbox_wake.set()
 
+    def _may_reply_on(self, topic: str, runtime_id: str) -> bool:
+        """A Response Topic must not aim our rights elsewhere: outside our prefix, under
+        ``{prefix}/replies/``, or in the requester's own subtree; never status, alerts or another runtime."""
+        root = self.topics.prefix + "/"
+        if not topic.startswith(root) or topic.startswith(root + "replies/"):
+            return True
+        if protocol.is_valid_id(runtime_id) and topic.startswith(
+            self.topics.interval(runtime_id).rsplit("/", 1)[0] + "/"
+        ):
+            return True
+        self._reject("response_topic", runtime_id, f"response topic {_shown(topic)} not allowed")
+        return False
+
     async def _reply(self, req: _Request, payload: bytes) -> None:
         client = self._client
         if client is None:
@@ -598,7 +655,7 @@ class Orchestrator:
         try:
             if protocol.is_valid_id(req.runtime_id):
                 await client.publish(self.topics.reply(req.runtime_id), payload, qos=1)
-            if req.response_topic is not None:
+            if req.response_topic is not None and self._may_reply_on(req.response_topic, req.runtime_id):
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 if req.correlation is not None:
                     props.CorrelationData = req.correlation
@@ -925,6 +982,10 @@ def _response_to(properties: Properties | None) -> tuple[str | None, bytes | Non
 def _unsupported_version(exc: Exception) -> bool:
     rc = getattr(exc, "rc", None)
     return getattr(rc, "value", rc) in (1, 132)
+
+
+def _status(row: RuntimeRow) -> dict[str, Any]:
+    return protocol.status_dict(row.id, row.state, row.interval, row.grace, row.last_seen, row.since, row.reason)
 
 
 def _shown(value: str) -> str:

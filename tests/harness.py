@@ -307,11 +307,11 @@ class Deployment:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, kind: str, tmp_path: Path, db_url: str) -> Iterator[Deployment]:
-        """A deployment with its orchestrator started and ready; everything stopped afterwards."""
+    def running(cls, kind: str, tmp_path: Path, db_url: str, *extra: str) -> Iterator[Deployment]:
+        """A deployment with its orchestrator (given ``extra`` arguments) started and ready; all stopped afterwards."""
         d = cls(kind, tmp_path, db_url)
         try:
-            d.start_orchestrator()
+            d.start_orchestrator(*extra)
             yield d
         finally:
             d.close()

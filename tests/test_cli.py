@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import http.server
+import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import paho.mqtt.publish as publish
 import pytest
 
-from orchestrator.cli import ago, format_table
+from orchestrator.broker import free_port
+from orchestrator.cli import ago, duration, format_alert, format_table, use_color
 from orchestrator.store import FlipRow, RuntimeRow, Store
 
-from .harness import ROOT
+from .harness import ROOT, TOPICS, MosquittoBroker
 
 T0 = 1795902116.123456
 """2026-11-28T21:41:56.123456Z"""
@@ -341,3 +347,302 @@ def test_status_into_a_closed_pipe_exits_quietly(sqlite_url: str, tmp_path: Path
     proc.stdout.close()
     assert proc.wait(30) == 0
     assert b"Traceback" not in proc.stderr.read()
+
+
+# --- colour ----------------------------------------------------------------------------
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_status_with_color_always_paints_the_state(tmp_path: Path, seeded_db: str) -> None:
+    result = cli("status", "--db", seeded_db, "--color", "always", cwd=tmp_path)
+    assert "\x1b[1;31mdead\x1b[0m" in result.stdout.splitlines()[2]
+
+
+def test_status_into_a_pipe_is_not_coloured(tmp_path: Path, seeded_db: str) -> None:
+    assert "\x1b[" not in cli("status", "--db", seeded_db, cwd=tmp_path).stdout
+
+
+def test_auto_colour_is_on_for_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_color("auto", _Stream(tty=True))
+
+
+def test_auto_colour_is_off_for_a_terminal_when_no_color_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_color("auto", _Stream(tty=True))
+
+
+def test_color_always_wins_over_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert use_color("always", _Stream(tty=False))
+
+
+def test_coloured_table_is_the_plain_table_once_the_codes_are_removed() -> None:
+    rows = [_row("short", "alive", reason="pulse received"), _row("a-much-longer-id", "dead", reason="x")]
+    assert ANSI.sub("", format_table(rows, now=T0, color=True)) == format_table(rows, now=T0)
+
+
+# --- status --watch and --http ------------------------------------------------------------
+
+
+def _popen(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def _read_until(stream: IO[str], marker: str, count: int = 1, timeout: float = 20) -> list[str]:
+    """Lines from ``stream`` until ``marker`` has appeared in ``count`` of them (in a thread, so it can time out)."""
+    lines: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        for line in stream:
+            lines.append(line)
+            if sum(marker in x for x in lines) >= count:
+                break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert done.wait(timeout), f"no {count} x {marker!r} within {timeout} s: {lines}"
+    return lines
+
+
+def test_status_watch_redraws_until_ctrl_c_then_exits_0(tmp_path: Path, seeded_db: str) -> None:
+    proc = _popen("status", "--db", seeded_db, "--watch", "0.2", cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        lines = _read_until(proc.stdout, "2 runtimes: 1 alive, 1 dead", count=2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+    assert sum(line.startswith("every 0.2 s") for line in lines) >= 2
+
+
+def test_status_watch_of_0_seconds_is_an_error(tmp_path: Path, seeded_db: str) -> None:
+    result = cli("status", "--db", seeded_db, "--watch", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--watch: between 0.1 and 86400 seconds" in result.stderr
+
+
+SERVED = [
+    {
+        "id": "rt-mem",
+        "state": "stopped",
+        "interval": 2.0,
+        "grace": 2.0,
+        "last_seen": "2026-11-28T21:41:57.123Z",
+        "since": "2026-11-28T21:41:58.123Z",
+        "reason": "runtime stopped",
+    }
+]
+
+
+@pytest.fixture
+def api_url() -> Iterator[str]:
+    """An HTTP server answering ``/api/runtimes`` with SERVED, as ``run --http`` would."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(SERVED).encode()
+            self.send_response(200 if self.path == "/api/runtimes" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_status_http_json_prints_the_orchestrator_s_objects(tmp_path: Path, api_url: str) -> None:
+    result = cli("status", "--http", api_url, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == SERVED
+
+
+def test_status_http_table_shows_the_orchestrator_s_runtimes(tmp_path: Path, api_url: str) -> None:
+    result = cli("status", "--http", api_url, cwd=tmp_path)
+    assert result.stdout.splitlines()[-1] == "1 runtime: 1 stopped"
+
+
+def test_status_http_of_nothing_listening_exits_1_saying_so(tmp_path: Path) -> None:
+    result = cli("status", "--http", f"127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cannot read http://127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- alerts --------------------------------------------------------------------------------
+
+
+def test_alerts_prints_the_recent_alerts_from_the_database(tmp_path: Path, seeded_db: str) -> None:
+    result = cli("alerts", "--db", seeded_db, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["2026-11-28T21:41:58Z  dead       rt-dead  connection lost"]
+
+
+def test_alerts_json_prints_the_alert_objects(tmp_path: Path, seeded_db: str) -> None:
+    result = cli("alerts", "--db", seeded_db, "--json", cwd=tmp_path)
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {
+            "event": "dead",
+            "id": "rt-dead",
+            "at": "2026-11-28T21:41:58.123Z",
+            "last_seen": None,
+            "reason": "connection lost",
+        }
+    ]
+
+
+def test_alerts_limit_keeps_the_newest_oldest_first(tmp_path: Path, history_db: str) -> None:
+    result = cli("alerts", "--db", history_db, "--limit", "2", cwd=tmp_path)
+    assert [line.split()[1] for line in result.stdout.splitlines()] == ["dead", "recovered"]
+
+
+def test_format_alert_is_time_event_id_reason() -> None:
+    alert = {"event": "dead", "id": "worker-7", "at": "2026-11-29T01:02:03.456Z", "reason": "no pulse for 3.2 s"}
+    assert format_alert(alert) == "2026-11-29T01:02:03Z  dead       worker-7  no pulse for 3.2 s"
+
+
+Follow = Callable[..., subprocess.Popen[str]]
+
+
+@pytest.fixture
+def follow(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[Follow]:
+    """Starts ``alerts --follow ARGS`` on the test's Mosquitto and returns it once subscribed; killed afterwards."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        proc = _popen("alerts", "--follow", "--broker", mosquitto.url, *args, cwd=tmp_path)
+        started.append(proc)
+        assert proc.stderr is not None
+        _read_until(proc.stderr, "following")
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait(5)
+
+
+def _publish_alert(broker: MosquittoBroker, alert: dict[str, Any]) -> None:
+    publish.single(TOPICS.alerts, json.dumps(alert), qos=1, hostname="127.0.0.1", port=broker.port)
+
+
+ALERT = {"event": "dead", "id": "worker-7", "at": "2026-11-29T01:02:03.456Z", "last_seen": None, "reason": "gone"}
+
+
+def test_alerts_follow_prints_each_alert_as_it_comes(follow: Follow, mosquitto: MosquittoBroker) -> None:
+    following = follow()
+    _publish_alert(mosquitto, ALERT)
+    assert following.stdout is not None
+    assert _read_until(following.stdout, "worker-7") == ["2026-11-29T01:02:03Z  dead       worker-7  gone\n"]
+
+
+def test_alerts_follow_json_prints_the_raw_objects(follow: Follow, mosquitto: MosquittoBroker) -> None:
+    following = follow("--json")
+    _publish_alert(mosquitto, ALERT)
+    assert following.stdout is not None
+    assert [json.loads(line) for line in _read_until(following.stdout, "worker-7")] == [ALERT]
+
+
+def test_alerts_follow_exits_0_on_ctrl_c(follow: Follow) -> None:
+    following = follow()
+    following.send_signal(signal.SIGINT)
+    assert following.wait(10) == 0
+
+
+def test_alerts_follow_of_an_unreachable_broker_exits_1_saying_so(tmp_path: Path) -> None:
+    result = cli("alerts", "--follow", "--broker", f"mqtt://127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cannot reach the broker mqtt://127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- history --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def history_db(sqlite_url: str) -> str:
+    """A database where ``rt-1`` went alive, 10 s later dead, 30 s later alive again (recovered)."""
+    store = Store(sqlite_url)
+    store.open()
+    try:
+        store.register([("rt-1", 1.0, 1.0)], T0)
+        store.record(
+            [
+                FlipRow("rt-1", "unknown", "alive", None, "pulse received", T0 + 1, T0 + 1),
+                FlipRow("rt-1", "alive", "dead", "dead", "no pulse for 3.2 s", T0 + 11, T0 + 7.8),
+                FlipRow("rt-1", "dead", "alive", "recovered", "pulse received", T0 + 41, T0 + 41),
+            ],
+            {},
+        )
+    finally:
+        store.close()
+    return sqlite_url
+
+
+def test_history_json_gives_each_state_its_duration(tmp_path: Path, history_db: str) -> None:
+    entries = json.loads(cli("history", "rt-1", "--db", history_db, "--json", cwd=tmp_path).stdout)
+    assert [(e["to"], e["duration"]) for e in entries[:2]] == [("alive", 10.0), ("dead", 30.0)]
+
+
+def test_history_s_current_state_lasts_until_now(tmp_path: Path, history_db: str) -> None:
+    entries = json.loads(cli("history", "rt-1", "--db", history_db, "--json", cwd=tmp_path).stdout)
+    assert entries[-1]["current"] is True
+    assert entries[-1]["duration"] >= time.time() - (T0 + 41) - 60
+
+
+def test_history_table_shows_reasons_and_durations_oldest_first(tmp_path: Path, history_db: str) -> None:
+    result = cli("history", "rt-1", "--db", history_db, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [re.split(r"\s{2,}", line) for line in result.stdout.splitlines()[1:]]
+    assert [(r[2], r[3], r[-1]) for r in rows[:2]] == [
+        ("alive", "10.0 s", "pulse received"),
+        ("dead", "30.0 s", "no pulse for 3.2 s"),
+    ]
+    assert rows[2][3].endswith("(now)")
+
+
+def test_history_limit_keeps_the_newest_transitions(tmp_path: Path, history_db: str) -> None:
+    entries = json.loads(cli("history", "rt-1", "--db", history_db, "--json", "--limit", "1", cwd=tmp_path).stdout)
+    assert [(e["from"], e["to"]) for e in entries] == [("dead", "alive")]
+
+
+def test_history_of_an_unknown_runtime_exits_1_saying_so(tmp_path: Path, history_db: str) -> None:
+    result = cli("history", "nobody", "--db", history_db, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "no transitions recorded for nobody" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [(3.24, "3.2 s"), (59.9, "59.9 s"), (300.0, "5 min"), (5400.0, "1.5 h"), (172800.0, "2.0 d")],
+)
+def test_duration_picks_the_unit_by_size(seconds: float, expected: str) -> None:
+    assert duration(seconds) == expected

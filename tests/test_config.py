@@ -49,6 +49,7 @@ def test_defaults_without_file_or_flags() -> None:
     assert config.max_payload == 65_536
     assert config.reconnect_max == 10.0
     assert config.log_level == "INFO"
+    assert config.http is None
 
 
 def test_default_client_id_is_a_fresh_orchestrator_name_per_load() -> None:
@@ -264,6 +265,24 @@ def test_bad_listen_address_is_an_error(listen: str) -> None:
 
 def test_ipv6_listen_address_is_split_into_host_and_port() -> None:
     assert load_config(listen="[::1]:18830").listen_address == ("::1", 18830)
+
+
+def test_http_is_off_by_default() -> None:
+    assert load_config().http_address is None
+
+
+def test_http_address_is_split_into_host_and_port() -> None:
+    assert load_config(http="127.0.0.1:8080").http_address == ("127.0.0.1", 8080)
+
+
+def test_http_is_read_from_the_file(write_config: WriteConfig) -> None:
+    assert load_config(write_config("http: 0.0.0.0:9100\n")).http == "0.0.0.0:9100"
+
+
+@pytest.mark.parametrize("http", ["8080", ":8080", "localhost:", "127.0.0.1:0", "127.0.0.1:http"])
+def test_bad_http_address_is_an_error(http: str) -> None:
+    with pytest.raises(ConfigError, match=r"^http: expected HOST:PORT"):
+        load_config(http=http)
 
 
 @pytest.mark.parametrize("db", ["mysql://user@host/db", "heartbeat.db", "sqlite://relative.db", ""])

@@ -70,13 +70,29 @@ def test_bad_id_is_rejected_with_a_reply_on_the_response_topic(mosquitto_deploym
 
     rt = deployment.runtime("helper", mqtt5=True)
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    props.ResponseTopic = f"{protocol.DEFAULT_PREFIX}/test/replies/helper"
+    props.ResponseTopic = f"{protocol.DEFAULT_PREFIX}/replies/helper"
     props.CorrelationData = b"req-1"
     started = time.monotonic()
     rt.publish(f"{protocol.DEFAULT_PREFIX}/runtimes/bad id!/interval", b'{"interval": 1}', properties=props)
     reply = deployment.observer.wait_for(lambda m: m.topic == props.ResponseTopic, 5, after=started)
     assert reply.json()["ok"] is False
     assert "invalid runtime id" in reply.json()["error"]
+
+
+def test_a_response_topic_aimed_at_the_alerts_gets_no_reply(mosquitto_deployment: Deployment) -> None:
+    """The orchestrator may write alerts and statuses; a request must not borrow that right."""
+    deployment = mosquitto_deployment
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    rt = deployment.runtime("rt-forger", mqtt5=True)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ResponseTopic = TOPICS.alerts
+    started = time.monotonic()
+    rt.publish(TOPICS.interval("rt-forger"), protocol.encode_interval(INTERVAL), properties=props)
+    deployment.observer.wait_for(lambda m: m.topic == TOPICS.reply("rt-forger"), 5, after=started)
+    time.sleep(0.3)
+    assert [m for m in deployment.observer.messages if m.topic == TOPICS.alerts and m.at >= started] == []
 
 
 def test_agent_with_a_bad_id_fails_before_connecting(deployment: Deployment) -> None:

@@ -512,9 +512,6 @@ def test_orchestrator_with_a_wrong_password_retries_with_a_clear_message(
     assert "wrong-secret" not in log
 
 
-@pytest.mark.xfail(
-    strict=True, reason="service.py logs Orchestrator.broker_url, password included (the lead's file; see report)"
-)
 def test_orchestrator_never_logs_a_password_from_the_url(broker: SecureBroker, tmp_path: Path) -> None:
     log = _refused_orchestrator_log(tmp_path, broker, f"mqtts://{ORCHESTRATOR}:wrong-secret@127.0.0.1:{broker.staff}")
     assert "wrong-secret" not in log

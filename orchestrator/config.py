@@ -16,12 +16,48 @@ import yaml
 from runtime_agent.protocol import DEFAULT_PREFIX, Topics
 from runtime_agent.url import BrokerAddress, check_tls_files, parse_broker_url, with_env_password
 
+from .notify import EVENTS
+
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which option and why."""
 
 
 MQTT_VERSIONS = ("auto", "5", "3.1.1")
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelConfig:
+    """One ``notify`` entry: where to send notices (``url`` or ``command``) and which ones."""
+
+    url: str | None = None
+    """``http(s)://`` posts JSON (webhook); any other scheme is an apprise URL (Slack, ntfy, mailto, ...)."""
+    command: str | tuple[str, ...] | None = None
+    """A program run per notice (split like a shell would, but no shell runs)."""
+    events: tuple[str, ...] | None = None
+    """Only these events; all when omitted."""
+    runtimes: tuple[str, ...] = ()
+    """Only runtimes matching one of these IDs or globs; all when empty."""
+    timeout: float = 10.0
+    name: str | None = None
+    """Shown in logs and counters; derived from the URL or command when omitted."""
+
+    def __post_init__(self) -> None:
+        if (self.url is None) == (self.command is None):
+            raise ConfigError("notify: each entry needs exactly one of url or command")
+        if self.url is not None and "://" not in self.url:
+            raise ConfigError(f"notify: url must look like SCHEME://..., got {self.url.partition(':')[0]!r}...")
+        if self.command is not None and not self.command:
+            raise ConfigError("notify: command is empty")
+        unknown = sorted(set(self.events or ()) - set(EVENTS))
+        if unknown:
+            raise ConfigError(f"notify: unknown event(s) {', '.join(unknown)} (known: {', '.join(EVENTS)})")
+        if self.events is not None and not self.events:
+            raise ConfigError("notify: events is empty (leave it out for all events)")
+        if not 0.1 <= self.timeout <= 600:
+            raise ConfigError("notify: timeout between 0.1 and 600 seconds")
+        if self.name is not None and not self.name.strip():
+            raise ConfigError("notify: name is empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +105,20 @@ class Config:
     log_level: str = "INFO"
     http: str | None = None
     """``HOST:PORT`` of the web dashboard, ``/metrics`` and ``/healthz``; None serves nothing."""
+    notify: tuple[ChannelConfig, ...] = ()
+    """Notification channels besides the MQTT alert topic (see docs/notifications.md)."""
+    storm_window: float = 10.0
+    """Storm control: seconds over which deaths (or recoveries) are counted; 0 turns it off."""
+    storm_count: int = 20
+    """More than this many deaths within ``storm_window`` are one ``outage`` notice."""
+    storm_share: float = 0.1
+    """... or more than this share of all runtimes (but always more than 2)."""
+    storm_max_ids: int = 20
+    """How many runtime IDs an ``outage`` notice names."""
+    reminder_interval: float | None = None
+    """Seconds between ``reminder`` notices while a runtime stays dead; None: no reminders."""
+    notify_retries: int = 4
+    """Retries per notice and channel after a failed attempt (exponential backoff, 1 s to 60 s)."""
 
     def __post_init__(self) -> None:
         if self.broker is not None:
@@ -117,6 +167,20 @@ class Config:
             raise ConfigError("reconnect_max: between 0.5 and 300 seconds")
         if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
             raise ConfigError(f"log_level: DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if not all(isinstance(c, ChannelConfig) for c in self.notify):
+            raise ConfigError("notify: expected ChannelConfig entries")
+        if not 0 <= self.storm_window <= 3600:
+            raise ConfigError("storm_window: between 0 (off) and 3600 seconds")
+        if not 1 <= self.storm_count <= 1_000_000:
+            raise ConfigError("storm_count: between 1 and 1000000")
+        if not 0 < self.storm_share <= 1:
+            raise ConfigError("storm_share: above 0 and at most 1")
+        if not 1 <= self.storm_max_ids <= 1000:
+            raise ConfigError("storm_max_ids: between 1 and 1000")
+        if self.reminder_interval is not None and not 1 <= self.reminder_interval <= 30 * 86_400:
+            raise ConfigError("reminder_interval: between 1 second and 30 days, or null for none")
+        if not 0 <= self.notify_retries <= 20:
+            raise ConfigError("notify_retries: between 0 and 20")
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -175,14 +239,25 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
     if isinstance(mqtt_version, int | float) and not isinstance(mqtt_version, bool):
         values["mqtt_version"] = f"{mqtt_version:g}"  # YAML reads `mqtt_version: 5` as the int 5
     for name, value in values.items():
-        _check_type(name, value)
+        if name != "notify":
+            _check_type(name, value)
+    if "notify" in values:
+        values["notify"] = _channels(values["notify"])
     return Config(**values)
+
+
+_EXPECTED: dict[str, tuple[type, ...]] = {
+    "client_id": (str,),
+    "reminder_interval": (int, float, type(None)),
+}
 
 
 def _check_type(name: str, value: Any) -> None:
     default = _FIELDS[name].default
-    if default is dataclasses.MISSING or name == "client_id":
-        expected: tuple[type, ...] = (str,)
+    if name in _EXPECTED:
+        expected = _EXPECTED[name]
+    elif default is dataclasses.MISSING:
+        expected = (str,)
     elif default is None:
         expected = (str, type(None))
     elif isinstance(default, bool):
@@ -194,3 +269,54 @@ def _check_type(name: str, value: Any) -> None:
     if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
         names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
         raise ConfigError(f"{name}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+_CHANNEL_FIELDS = {f.name: f for f in dataclasses.fields(ChannelConfig)}
+
+
+def _channels(value: Any) -> tuple[ChannelConfig, ...]:
+    """The ``notify`` list: mappings as in the YAML file, or bare URL strings (``run --notify URL``)."""
+    if value is None:
+        return ()
+    if isinstance(value, str | Mapping) or not isinstance(value, list | tuple):
+        raise ConfigError(f"notify: expected a list of channels, got {type(value).__name__}")
+    return tuple(_channel(f"notify[{number}]", item) for number, item in enumerate(value))
+
+
+def _channel(where: str, item: Any) -> ChannelConfig:
+    if isinstance(item, ChannelConfig):
+        return item
+    if isinstance(item, str):
+        item = {"url": item}
+    if not isinstance(item, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with url or command, got {type(item).__name__}")
+    unknown = sorted(set(item) - set(_CHANNEL_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(_CHANNEL_FIELDS)})"
+        )
+    fields: dict[str, Any] = {}
+    for key, raw in item.items():
+        if key in ("events", "runtimes"):
+            if isinstance(raw, str):
+                raw = [raw]
+            if not isinstance(raw, list | tuple) or not all(isinstance(v, str) and v for v in raw):
+                raise ConfigError(f"{where}: {key}: expected a list of strings, got {raw!r}")
+            fields[key] = tuple(raw)
+        elif key == "command":
+            is_list = isinstance(raw, list | tuple) and all(isinstance(v, str) for v in raw)
+            if not isinstance(raw, str) and not is_list:
+                raise ConfigError(f"{where}: command: expected a string or a list of strings, got {raw!r}")
+            fields[key] = raw if isinstance(raw, str) else tuple(raw)
+        elif key == "timeout":
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                raise ConfigError(f"{where}: timeout: expected a number of seconds, got {raw!r}")
+            fields[key] = float(raw)
+        else:  # url, name
+            if not isinstance(raw, str):
+                raise ConfigError(f"{where}: {key}: expected str, got {type(raw).__name__} {raw!r}")
+            fields[key] = raw
+    try:
+        return ChannelConfig(**fields)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{str(exc).removeprefix('notify')}") from None

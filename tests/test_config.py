@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import Config, ConfigError, load_config
+from orchestrator.config import ChannelConfig, Config, ConfigError, load_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "orchestrator.example.yaml"
 
@@ -50,6 +50,10 @@ def test_defaults_without_file_or_flags() -> None:
     assert config.reconnect_max == 10.0
     assert config.log_level == "INFO"
     assert config.http is None
+    assert config.notify == ()
+    assert (config.storm_window, config.storm_count, config.storm_share, config.storm_max_ids) == (10.0, 20, 0.1, 20)
+    assert config.reminder_interval is None
+    assert config.notify_retries == 4
 
 
 def test_default_client_id_is_a_fresh_orchestrator_name_per_load() -> None:
@@ -186,6 +190,11 @@ def test_config_error_is_a_value_error() -> None:
         ("log_level: 10\n", "log_level"),
         ("mqtt_version: true\n", "mqtt_version"),
         ("prefix: {a: b}\n", "prefix"),
+        ("storm_count: 2.5\n", "storm_count"),
+        ("storm_share: '10%'\n", "storm_share"),
+        ("reminder_interval: 1h\n", "reminder_interval"),
+        ("reminder_interval: true\n", "reminder_interval"),
+        ("notify_retries: null\n", "notify_retries"),
     ],
 )
 def test_wrong_type_is_an_error_naming_the_option(write_config: WriteConfig, yaml_text: str, option: str) -> None:
@@ -215,6 +224,14 @@ def test_wrong_type_in_an_override_is_an_error() -> None:
         ("reconnect_max", 0.4),
         ("reconnect_max", 301.0),
         ("log_level", "LOUD"),
+        ("storm_window", -1.0),
+        ("storm_count", 0),
+        ("storm_share", 0.0),
+        ("storm_share", 1.5),
+        ("storm_max_ids", 0),
+        ("reminder_interval", 0.5),
+        ("notify_retries", -1),
+        ("notify_retries", 21),
     ],
 )
 def test_out_of_range_value_is_an_error_naming_the_option(option: str, value: object) -> None:
@@ -234,6 +251,10 @@ def test_out_of_range_value_is_an_error_naming_the_option(option: str, value: ob
         ("reconnect_max", 0.5),
         ("reconnect_max", 300.0),
         ("log_level", "warning"),
+        ("storm_window", 0.0),
+        ("storm_share", 1.0),
+        ("reminder_interval", 1.0),
+        ("notify_retries", 0),
     ],
 )
 def test_boundary_value_is_accepted(option: str, value: object) -> None:
@@ -320,6 +341,73 @@ def test_unquoted_mqtt_version_3_1_1_in_yaml_is_accepted(write_config: WriteConf
 def test_unquoted_unsupported_mqtt_version_in_yaml_is_an_error(write_config: WriteConfig) -> None:
     with pytest.raises(ConfigError, match=r"^mqtt_version: one of .* got '4'$"):
         load_config(write_config("mqtt_version: 4\n"))
+
+
+# --- notify channels ----------------------------------------------------------------
+
+
+def test_notify_entries_are_read_with_their_filters(write_config: WriteConfig) -> None:
+    path = write_config(
+        "notify:\n"
+        "  - url: https://hooks.example.com/heartbeat\n"
+        "  - url: ntfy://ntfy.sh/topic\n"
+        "    events: [dead, outage]\n"
+        "    runtimes: ['db-*', worker-7]\n"
+        "    timeout: 3\n"
+        "    name: ops chat\n"
+        "  - command: /usr/local/bin/page --team infra\n"
+        "  - command: [/usr/local/bin/page, --team, infra]\n"
+    )
+    hook, chat, shell_string, shell_list = load_config(path).notify
+    assert hook == ChannelConfig(url="https://hooks.example.com/heartbeat")
+    assert chat == ChannelConfig(
+        url="ntfy://ntfy.sh/topic",
+        events=("dead", "outage"),
+        runtimes=("db-*", "worker-7"),
+        timeout=3.0,
+        name="ops chat",
+    )
+    assert shell_string.command == "/usr/local/bin/page --team infra"
+    assert shell_list.command == ("/usr/local/bin/page", "--team", "infra")
+
+
+def test_notify_accepts_bare_urls_from_the_command_line() -> None:
+    assert load_config(notify=["json://127.0.0.1:9/"]).notify == (ChannelConfig(url="json://127.0.0.1:9/"),)
+
+
+def test_notify_null_means_no_channels(write_config: WriteConfig) -> None:
+    assert load_config(write_config("notify: null\n")).notify == ()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("notify: https://hooks.example.com/x\n", r"^notify: expected a list of channels"),
+        ("notify: {url: https://x}\n", r"^notify: expected a list of channels"),
+        ("notify: [17]\n", r"^notify\[0\]: expected a mapping with url or command"),
+        ("notify:\n  - url: https://x\n    evnts: [dead]\n", r"^notify\[0\]: unknown key\(s\) evnts"),
+        ("notify:\n  - url: https://x\n    events: [deadd]\n", r"^notify\[0\]: unknown event\(s\) deadd"),
+        ("notify:\n  - url: https://x\n    events: []\n", r"^notify\[0\]: events is empty"),
+        ("notify:\n  - url: https://x\n    events: [1]\n", r"^notify\[0\]: events: expected a list of strings"),
+        ("notify:\n  - url: https://x\n    runtimes: {a: b}\n", r"^notify\[0\]: runtimes: expected a list"),
+        ("notify:\n  - url: https://x\n    command: /bin/true\n", r"^notify\[0\]: .*exactly one of url or command"),
+        ("notify:\n  - name: lonely\n", r"^notify\[0\]: .*exactly one of url or command"),
+        ("notify:\n  - url: https://x\n  - url: 5\n", r"^notify\[1\]: url: expected str"),
+        ("notify:\n  - url: hooks.example.com\n", r"^notify\[0\]: url must look like SCHEME://"),
+        ("notify:\n  - command: [ls, 3]\n", r"^notify\[0\]: command: expected a string or a list"),
+        ("notify:\n  - command: ''\n", r"^notify\[0\]: command is empty"),
+        ("notify:\n  - url: https://x\n    timeout: soon\n", r"^notify\[0\]: timeout: expected a number"),
+        ("notify:\n  - url: https://x\n    timeout: 0\n", r"^notify\[0\]: timeout between"),
+    ],
+)
+def test_bad_notify_entry_is_an_error_naming_it(write_config: WriteConfig, yaml_text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(yaml_text))
+
+
+def test_reminder_interval_accepts_null_and_numbers(write_config: WriteConfig) -> None:
+    assert load_config(write_config("reminder_interval: null\n")).reminder_interval is None
+    assert load_config(write_config("reminder_interval: 3600\n")).reminder_interval == 3600
 
 
 # --- frozen -------------------------------------------------------------------------

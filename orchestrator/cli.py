@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from runtime_agent.protocol import Topics, iso, status_dict
 from runtime_agent.url import parse_broker_url
 
 from .broker import BrokerStartError
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, parse_channels
 from .store import FlipRow, RuntimeRow, Store, redact_url
 
 STATES = ("alive", "dead", "stopped", "unknown")
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prefix", metavar="TOPIC", help="topic prefix (default heartbeat/v1)")
     run.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
     run.add_argument("--http", metavar="HOST:PORT", help="serve the dashboard, /metrics and /healthz there (off)")
+    run.add_argument(
+        "--notify",
+        metavar="URL",
+        action="append",
+        help="also notify here (repeatable): http(s):// is a webhook, any other scheme an apprise URL",
+    )
 
     status = sub.add_parser("status", help="print every runtime's state (from the database, or a running --http)")
     _database_options(status)
@@ -103,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log_level=args.log_level,
                 http=args.http,
             )
+            if args.notify:  # added to the file's channels, not instead of them
+                config = dataclasses.replace(config, notify=config.notify + parse_channels(args.notify))
             return run(config)
         if args.command == "status":
             config = load_config(args.config, db=args.db)

@@ -242,7 +242,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
         if name != "notify":
             _check_type(name, value)
     if "notify" in values:
-        values["notify"] = _channels(values["notify"])
+        values["notify"] = parse_channels(values["notify"])
     return Config(**values)
 
 
@@ -274,7 +274,7 @@ def _check_type(name: str, value: Any) -> None:
 _CHANNEL_FIELDS = {f.name: f for f in dataclasses.fields(ChannelConfig)}
 
 
-def _channels(value: Any) -> tuple[ChannelConfig, ...]:
+def parse_channels(value: Any) -> tuple[ChannelConfig, ...]:
     """The ``notify`` list: mappings as in the YAML file, or bare URL strings (``run --notify URL``)."""
     if value is None:
         return ()

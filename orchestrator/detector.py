@@ -16,7 +16,7 @@ import enum
 import heapq
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class State(enum.Enum):
@@ -46,6 +46,8 @@ class Transition:
     last_seen: float | None
     reason: str
     event: str | None
+    deadline: float | None = field(default=None, compare=False)
+    """For a verdict of silence: the deadline it passed (verdict latency = ``at`` minus this)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +286,8 @@ class Detector:
                 reason = f"no pulse for {now - rt.last_seen:.1f} s (interval {rt.interval:g} s + grace {rt.grace:g} s)"
             else:
                 reason = f"no pulse within {rt.interval + rt.grace:g} s of watching"
-            out.append(self._become(runtime_id, rt, DEAD, now, reason, "dead"))
+            deadline = self._deadline(rt)
+            out.append(self._become(runtime_id, rt, DEAD, now, reason, "dead", deadline))
         return out
 
     def _next_due(self, now: float) -> tuple[str, _Runtime] | None:
@@ -360,7 +363,14 @@ class Detector:
         return transition
 
     def _become(
-        self, runtime_id: str, rt: _Runtime, new: State, now: float, reason: str, event: str | None
+        self,
+        runtime_id: str,
+        rt: _Runtime,
+        new: State,
+        now: float,
+        reason: str,
+        event: str | None,
+        deadline: float | None = None,
     ) -> Transition:
         old = rt.state
         rt.state, rt.since, rt.reason = new, now, reason
@@ -370,4 +380,4 @@ class Detector:
             # Drop its heap entry: it was armed for the interval of the time, which
             # may shrink before the runtime is alive again, and _alive arms afresh.
             rt.token = 0
-        return Transition(runtime_id, old, new, now, rt.last_seen, reason, event)
+        return Transition(runtime_id, old, new, now, rt.last_seen, reason, event, deadline)

@@ -43,8 +43,10 @@ from runtime_agent.url import parse_broker_url
 from .broker import EmbeddedBroker, check_bindable
 from .config import Config
 from .detector import Detector, NotRegistered, State, Transition
+from .dispatch import Dispatcher, Route, build_routes, retry_policy, storm_policy
 from .ingest import PulseReader, PulseReaderError
 from .metrics import LatencyHistogram
+from .notify import MqttNotifier, Notice, NotifyError
 from .store import FlipRow, RuntimeRow, Store, redact_url
 
 log = logging.getLogger("orchestrator")
@@ -52,6 +54,8 @@ T = TypeVar("T")
 
 _MAX_LOGGED_IDS = 10_000
 _REQUEST_BATCH = 1_000
+_WILL_GATHER = 0.05
+"""Seconds the watcher waits after a will for the rest of its burst, before proving the link."""
 
 
 class WallClock:
@@ -133,6 +137,26 @@ class Orchestrator:
         """Called with every transition on the event loop (the dashboard's change feed); each must be quick."""
         self.verdict_latency = LatencyHistogram()
         """Seconds from a runtime's deadline to its dead verdict, for ``/metrics``."""
+        self._awaiting: dict[tuple[str, float], int] = {}
+        """Flips being notified -> confirmations still missing (the alert topic, the dispatcher)."""
+        # The alert topic carries every per-runtime event itself (the complete machine feed); the
+        # dispatcher adds the people's channels, with storm control, reminders and silences, and
+        # puts its own summaries on the alert topic too.
+        summaries = Route(
+            MqttNotifier(self._publish_alert_payload),
+            frozenset({"outage", "outage_recovered", "reminder", "silence_ended", "conflict"}),
+            (),
+            "mqtt",
+        )
+        self.dispatcher = Dispatcher(
+            [*build_routes(config), summaries],
+            storm=storm_policy(config),
+            reminder_interval=config.reminder_interval,
+            population=lambda: len(self.detector),
+            state_of=self._state_of,
+            on_delivered=lambda notice: self._confirm(notice.key),
+            retry=retry_policy(config),
+        )
 
     # --- life cycle ----------------------------------------------------------
 
@@ -178,11 +202,13 @@ class Orchestrator:
                     self._flusher,
                     self._stats_publisher,
                     self._redeliver,
+                    self.dispatcher.run,
                 )
             ]
             try:
                 await self._connection_loop(stop)
             finally:
+                await self.dispatcher.aclose(drain=2.0)
                 for task in workers:
                     task.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
@@ -308,6 +334,8 @@ class Orchestrator:
             since, back = self._downtime
             payload = protocol.encode_monitor_down(since=since, back=back, runtimes=len(self.detector))
             await client.publish(self.topics.alerts, payload, qos=1)
+            reason = f"the orchestrator was not running for about {back - since:.0f} s"
+            self.dispatcher.submit([Notice("monitor_down", None, back, None, reason, count=len(self.detector))])
             self._downtime = None
             self.stats["alerts"] += 1
         self.ready.set()
@@ -393,12 +421,15 @@ class Orchestrator:
         return self.ready.is_set()
 
     def notification_stats(self) -> Mapping[tuple[str, str], int]:
-        """Notifications by ``(channel, outcome)``; none until notifications exist."""
-        return {}
+        """Notifications by ``(channel, outcome)``: sent, failed, retried, dropped."""
+        return self.dispatcher.stats
 
     def outbox_backlog(self) -> int:
-        """Transitions not yet stored or published."""
-        return len(self._outbox) + len(self._pending_flips) + len(self._unsent_alerts)
+        """Transitions not yet stored, and notices not yet sent on every channel."""
+        return len(self._outbox) + len(self._pending_flips) + len(self._awaiting)
+
+    def _state_of(self, runtime_id: str) -> str | None:
+        return self.detector.view(runtime_id).state.value if runtime_id in self.detector else None
 
     # --- consumer: the hot path ----------------------------------------------
 
@@ -694,6 +725,10 @@ class Orchestrator:
                 continue
             if not self._pending_wills and not self.detector.overdue(now):
                 continue
+            if self._pending_wills:
+                # A will rarely comes alone (a host, a switch, a broker): gather the burst into one batch,
+                # so storm control sees one outage rather than a trickle.
+                await asyncio.sleep(_WILL_GATHER)
             round_trip = await self._echo()
             if round_trip is None:
                 self.stats["echo_timeouts"] += 1
@@ -711,7 +746,10 @@ class Orchestrator:
             self.apply_wills()
             # A pulse takes about as long through the broker as our echo did: judge as of that long
             # ago, so a congested broker (pulses sent in time, delivered late) kills nobody.
-            for transition in self.detector.expire(time.monotonic() - round_trip):
+            verdict_at = time.monotonic()
+            for transition in self.detector.expire(verdict_at - round_trip):
+                if transition.deadline is not None:
+                    self.verdict_latency.observe(max(0.0, verdict_at - transition.deadline))
                 self._emit(transition)
 
     # --- publisher -----------------------------------------------------------
@@ -747,7 +785,7 @@ class Orchestrator:
         except TimeoutError:
             log.warning("database slow: publishing %d transitions before it confirms them", len(batch))
         self._status_due.update(t.runtime_id for t in batch)
-        self._unsent_alerts += [f for f in flips if f.event is not None and f.runtime_id not in lost]
+        self._queue_alerts([f for f in flips if f.event is not None and f.runtime_id not in lost])
         if lost:
             self.stats["conflicts.recorded_elsewhere"] += len(lost)
 
@@ -769,13 +807,36 @@ class Orchestrator:
             self._status_due |= due
             raise
         self.stats["alerts"] += len(alerts)
-        self._notified(alerts)
+        for f in alerts:
+            self._confirm(f.key)
 
-    def _notified(self, flips: list[FlipRow]) -> None:
-        """Every channel has these: the database marks them, so no restart sends them again."""
-        if flips:
-            self._notified_keys.update(f.key for f in flips)
+    def _queue_alerts(self, flips: list[FlipRow]) -> None:
+        """Send these flips' notices: on the alert topic (with the statuses) and through the dispatcher."""
+        if not flips:
+            return
+        for f in flips:
+            self._awaiting[f.key] = 2
+        self._unsent_alerts += flips
+        self.dispatcher.submit(
+            Notice(f.event or "", f.runtime_id, f.at, f.last_seen, f.reason, key=f.key) for f in flips
+        )
+
+    def _confirm(self, key: object) -> None:
+        """One more channel has this flip's notice; once all have it the database marks it notified."""
+        if not isinstance(key, tuple) or key not in self._awaiting:
+            return
+        self._awaiting[key] -= 1
+        if self._awaiting[key] <= 0:
+            del self._awaiting[key]
+            self._notified_keys.add(key)
             self._writer_wake.set()
+
+    async def _publish_alert_payload(self, payload: bytes) -> None:
+        """The dispatcher's summaries on the alert topic (MqttNotifier)."""
+        client = self._client
+        if client is None:
+            raise NotifyError("not connected to the broker", retryable=True)
+        await client.publish(self.topics.alerts, payload, qos=1)
 
     async def _redeliver(self) -> None:
         """Send the notices owed from before: flips committed but never notified (a crash, a lost link).
@@ -792,9 +853,10 @@ class Orchestrator:
                 except Exception as exc:
                     log.warning("cannot read the outbox: %s", exc)
                     owed = []
+                owed = [f for f in owed if f.key not in self._awaiting]  # ours, still on their way
                 if owed:
                     log.info("sending %d notices owed from before", len(owed))
-                    self._unsent_alerts += owed
+                    self._queue_alerts(owed)
                     self._outbox_wake.set()
             await asyncio.sleep(self.config.outbox_interval)
 

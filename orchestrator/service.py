@@ -129,6 +129,8 @@ class Orchestrator:
         self._link_lost: asyncio.Future[None] | None = None
         """Set when the link fails its echo; the connection loop then reconnects."""
         self._early_sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._db_ok = True
+        """False after a failed write until one succeeds: verdicts then go out without waiting for it."""
         self._pending_wills: list[tuple[str, float, int | None]] = []
         """Wills received (runtime, receipt time, session), applied once an echo proves the link."""
         self._downtime: tuple[float, float] | None = None
@@ -780,8 +782,10 @@ class Orchestrator:
         flips = self._submit_flips(batch)
         committed = self._flip_waiters[-1]
         lost: set[str] = set()
+        # Known down: do not make every batch wait db_timeout in turn behind the one before.
+        wait = self.config.db_timeout if self._db_ok else 0.0
         try:
-            lost = await asyncio.wait_for(asyncio.shield(committed), self.config.db_timeout)
+            lost = await asyncio.wait_for(asyncio.shield(committed), wait)
         except TimeoutError:
             log.warning("database slow: publishing %d transitions before it confirms them", len(batch))
         self._status_due.update(t.runtime_id for t in batch)
@@ -849,7 +853,8 @@ class Orchestrator:
             client = self._client
             if client is not None and self.ready.is_set():
                 try:
-                    owed = await self._db(self.store.claim_unnotified, time.time(), self.config.outbox_lease)
+                    claim = functools.partial(self.store.claim_unnotified, lease=self.config.outbox_lease)
+                    owed = await self._db(claim, time.time())
                 except Exception as exc:
                     log.warning("cannot read the outbox: %s", exc)
                     owed = []
@@ -992,6 +997,7 @@ class Orchestrator:
             )
             lost = await self._db(record, flips, seen)
         except Exception as exc:
+            self._db_ok = False
             log.error("database write failed (%d transitions kept for retry): %s", len(flips), exc)
             self._pending_flips[:0] = flips
             self._flip_waiters[:0] = waiters
@@ -1002,6 +1008,7 @@ class Orchestrator:
             with contextlib.suppress(Exception):
                 await self._db(self.store.reconnect)
             return False
+        self._db_ok = True
         _resolve(waiters, lost)
         return True
 

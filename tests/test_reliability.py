@@ -527,6 +527,13 @@ def test_postgresql_stopped_while_a_runtime_dies_and_another_recovers(
 # --- 10. crash between commit and notice ------------------------------------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="orchestrator bug: Orchestrator._redeliver calls self._db(self.store.claim_unnotified, time.time(), "
+    "self.config.outbox_lease), passing the lease positionally to Store.claim_unnotified(now, *, lease=...), "
+    "so every outbox scan fails ('cannot read the outbox: Store.claim_unnotified() takes 2 positional arguments "
+    "but 3 were given') and a committed but unsent notice is never sent",
+)
 def test_a_notice_committed_but_never_sent_is_sent_after_a_crash(
     tmp_path: Path, sqlite_url: str, measure: Measure
 ) -> None:
@@ -566,7 +573,8 @@ def test_a_notice_committed_but_never_sent_is_sent_after_a_crash(
         time.sleep(lease + every + 1.0)
         assert len(d.observer.alerts("rt-stopper", "stopped")) == 1, "sent exactly once"
         stored = [f for f in flips(sqlite_url, "rt-stopper") if f["event"] == "stopped"]
-        assert len(stored) == 1 and stored[0]["notified_at"] is not None, stored
+        assert len(stored) == 1, stored
+        assert stored[0]["notified_at"] is not None, stored
     finally:
         d.close()
         proxy.close()

@@ -75,8 +75,8 @@ TOPICS = protocol.Topics(PREFIX)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra or {}))
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -216,12 +216,17 @@ class OrchestratorProcess:
     args: list[str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] | None = None
+    """Extra environment variables (e.g. LD_PRELOAD of libfaketime)."""
     _log: Any = field(default=None, repr=False)
 
     def start(self) -> OrchestratorProcess:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "run", *self.args], stdout=self._log, stderr=self._log, env=_env()
+            [sys.executable, "-m", "orchestrator", "run", *self.args],
+            stdout=self._log,
+            stderr=self._log,
+            env=_env(self.env),
         )
         return self
 
@@ -250,7 +255,15 @@ class OrchestratorProcess:
 class AgentProcess:
     """``python -m runtime_agent`` as a user runs it; ``registered()`` waits for its confirmation line."""
 
-    def __init__(self, runtime_id: str, interval: float, port: int, *extra: str, grace: float | None = None) -> None:
+    def __init__(
+        self,
+        runtime_id: str,
+        interval: float,
+        port: int,
+        *extra: str,
+        grace: float | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         args = ["--id", runtime_id, "--interval", str(interval), "--broker", f"mqtt://127.0.0.1:{port}", *extra]
         if grace is not None:
             args += ["--grace", str(grace)]
@@ -259,7 +272,7 @@ class AgentProcess:
             [sys.executable, "-m", "runtime_agent", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=_env(),
+            env=_env(env),
         )
         self.stdout: list[str] = []
         self._registered = threading.Event()
@@ -325,10 +338,12 @@ class Deployment:
     def broker_url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start_orchestrator(self, *extra: str, wait: bool = True) -> OrchestratorProcess:
+    def start_orchestrator(
+        self, *extra: str, wait: bool = True, env: dict[str, str] | None = None, log_name: str = "orchestrator.log"
+    ) -> OrchestratorProcess:
         args = ["--broker", self.broker_url] if self.mosquitto else ["--listen", f"127.0.0.1:{self.port}"]
         args += ["--db", self.db_url, "--log-level", "DEBUG", *extra]
-        proc = OrchestratorProcess(args, self.tmp_path / "orchestrator.log").start()
+        proc = OrchestratorProcess(args, self.tmp_path / log_name, env=env).start()
         self.orchestrators.append(proc)
         if wait:
             self.wait_ready(proc)
@@ -354,8 +369,15 @@ class Deployment:
             self._observer = Observer(self.port)
         return self._observer
 
-    def agent(self, runtime_id: str, interval: float, *extra: str, grace: float | None = None) -> AgentProcess:
-        agent = AgentProcess(runtime_id, interval, self.port, *extra, grace=grace)
+    def agent(
+        self,
+        runtime_id: str,
+        interval: float,
+        *extra: str,
+        grace: float | None = None,
+        env: dict[str, str] | None = None,
+    ) -> AgentProcess:
+        agent = AgentProcess(runtime_id, interval, self.port, *extra, grace=grace, env=env)
         self.agents.append(agent)
         return agent
 
@@ -386,3 +408,55 @@ class Deployment:
                 proc.stop()
         if self.mosquitto:
             self.mosquitto.stop()
+
+
+class PostgresServer:
+    """A PostgreSQL 15 of the test's own (initdb + pg_ctl, as the ``postgres`` user), which a test may stop.
+
+    The data directory is a temporary directory outside pytest's (root-only)
+    tmp tree, on a free loopback port with trust authentication; never the
+    machine's shared server.
+    """
+
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    def __init__(self) -> None:
+        if not (self.BIN / "initdb").exists():
+            pytest.skip("PostgreSQL 15 server binaries are not installed")
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="hb-pg-"))
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self._run(str(self.BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *cmd: str) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *cmd],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.dir,
+            timeout=120,
+        )
+
+    def _ctl(self, *args: str) -> None:
+        self._run(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-w", *args)
+
+    def start(self) -> None:
+        options = f"-k {self.dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._ctl("-l", str(self.dir / "server.log"), "-o", options, "start")
+
+    def stop(self) -> None:
+        self._ctl("-m", "fast", "stop")
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            self._ctl("-m", "immediate", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)

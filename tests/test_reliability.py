@@ -528,13 +528,6 @@ def test_postgresql_stopped_while_a_runtime_dies_and_another_recovers(
 # --- 10. crash between commit and notice ------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="orchestrator bug: Orchestrator._redeliver calls self._db(self.store.claim_unnotified, time.time(), "
-    "self.config.outbox_lease), passing the lease positionally to Store.claim_unnotified(now, *, lease=...), "
-    "so every outbox scan fails ('cannot read the outbox: Store.claim_unnotified() takes 2 positional arguments "
-    "but 3 were given') and a committed but unsent notice is never sent",
-)
 def test_a_notice_committed_but_never_sent_is_sent_after_a_crash(
     tmp_path: Path, sqlite_url: str, measure: Measure
 ) -> None:

@@ -120,6 +120,11 @@ class Detector:
         for runtime_id in self._runtimes:
             yield self.view(runtime_id)
 
+    def sessions(self, runtime_id: str) -> tuple[int | None, int | None, float]:
+        """``(newest session, session declared dead, interval + grace)``, for spotting a shared ID."""
+        rt = self._get(runtime_id)
+        return rt.session, rt.dead_session, rt.interval + rt.grace
+
     def deadline(self, runtime_id: str) -> float | None:
         """When the runtime will be declared dead if it stays silent; None if not watched."""
         rt = self._get(runtime_id)

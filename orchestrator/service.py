@@ -42,6 +42,7 @@ from runtime_agent.url import parse_broker_url
 
 from .broker import EmbeddedBroker, check_bindable
 from .config import Config
+from .conflict import ConflictWatch
 from .detector import Detector, NotRegistered, State, Transition
 from .dispatch import Dispatcher, Route, build_routes, retry_policy, storm_policy
 from .ingest import PulseReader, PulseReaderError
@@ -54,6 +55,8 @@ T = TypeVar("T")
 
 _MAX_LOGGED_IDS = 10_000
 _REQUEST_BATCH = 1_000
+_CONFLICT_WINDOWS = 10
+"""Signs of a shared ID count within this many intervals (+ grace); a conflict lasts as long."""
 _WILL_GATHER = 0.05
 """Seconds the watcher waits after a will for the rest of its burst, before proving the link."""
 
@@ -129,6 +132,7 @@ class Orchestrator:
         self._link_lost: asyncio.Future[None] | None = None
         """Set when the link fails its echo; the connection loop then reconnects."""
         self._early_sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.conflicts = ConflictWatch()
         self._db_ok = True
         """False after a failed write until one succeeds: verdicts then go out without waiting for it."""
         self._pending_wills: list[tuple[str, float, int | None]] = []
@@ -146,7 +150,7 @@ class Orchestrator:
         # puts its own summaries on the alert topic too.
         summaries = Route(
             MqttNotifier(self._publish_alert_payload),
-            frozenset({"outage", "outage_recovered", "reminder", "silence_ended", "conflict"}),
+            frozenset({"outage", "outage_recovered", "reminder", "silence_ended"}),
             (),
             "mqtt",
         )
@@ -465,6 +469,8 @@ class Orchestrator:
             if kind == "state":
                 message = protocol.decode_state(payload, limit=self.config.max_payload)
                 if message.state == "online":
+                    if not retained:
+                        self._check_session(runtime_id, message.session, now)
                     transition = self.detector.online(runtime_id, now, message.session, live=not retained)
                 elif message.state == "offline":
                     transition = self._will(runtime_id, now, message.session, live=not retained)
@@ -498,11 +504,24 @@ class Orchestrator:
         """
         if not live:
             return self.detector.offline(runtime_id, now, session, live=False)
-        if runtime_id not in self.detector:
-            raise NotRegistered(runtime_id)
+        _, _, window = self.detector.sessions(runtime_id)  # raises NotRegistered
+        if self.conflicts.in_conflict(runtime_id, now, _CONFLICT_WINDOWS * window):
+            self.stats["wills_ignored_in_conflict"] += 1
+            return None  # the other claimant may be alive: silence decides
         self._pending_wills.append((runtime_id, now, session))
         self._rearm.set()
         return None
+
+    def _check_session(self, runtime_id: str, session: int | None, now: float) -> None:
+        """A birth or pulse of a session other than the newest is a sign of two claimants of one ID."""
+        current, dead, window = self.detector.sessions(runtime_id)
+        if session is None or current is None or session in (current, dead):
+            return
+        if self.conflicts.sign(runtime_id, now, _CONFLICT_WINDOWS * window):
+            view = self.detector.view(runtime_id)
+            reason = "two connections claim this runtime ID (their sessions keep taking turns)"
+            self.stats["conflicts"] += 1
+            self._emit(Transition(runtime_id, view.state, view.state, now, view.last_seen, reason, "conflict"))
 
     def apply_wills(self) -> None:
         """Apply the wills received so far, as of their receipt: the link has just proved itself."""
@@ -523,6 +542,8 @@ class Orchestrator:
                 self._reject(exc.reason, runtime_id, f"pulse: {exc}")
                 return
         try:
+            if session is not None:
+                self._check_session(runtime_id, session, now)
             transition = self.detector.pulse(runtime_id, now, session)
         except NotRegistered:
             self._reject("unregistered", runtime_id, "pulse from unregistered runtime")
@@ -653,6 +674,7 @@ class Orchestrator:
             if interval is None:
                 if self.detector.deregister(rid):
                     log.info("%s deregistered", rid)
+                self.conflicts.forget(rid)
                 self._status_due.add(rid)
             else:
                 transition = self.detector.register(rid, interval.interval, interval.grace, now, live=not req.retained)

@@ -124,3 +124,22 @@ def test_a_half_open_link_to_the_broker_raises_no_false_alert(
     finally:
         d.close()
         proxy.close()
+
+
+def test_two_agents_with_one_id_raise_one_conflict_and_no_flapping(deployment: Deployment) -> None:
+    """Same ID, same MQTT client ID: the broker hands the connection back and forth, wills included."""
+    first = deployment.agent("rt-twin", INTERVAL)
+    first.registered()
+    started = time.monotonic()
+    second = deployment.agent("rt-twin", INTERVAL)
+    conflict = deployment.observer.wait_alert("rt-twin", "conflict", 15, after=started)
+    assert "two connections claim" in conflict.json()["reason"]
+    time.sleep(4 * (INTERVAL + INTERVAL))
+    alerts = [a["event"] for a in deployment.observer.alerts("rt-twin", after=started)]
+    assert alerts == ["conflict"]
+    first.signal(signal.SIGKILL)  # one claimant dies, the other goes on: still alive
+    killed = time.monotonic()
+    time.sleep(3 * (INTERVAL + INTERVAL))
+    assert deployment.observer.alerts("rt-twin", event="dead", after=killed) == []
+    second.signal(signal.SIGKILL)  # now nobody pulses: dead by the deadline, wills ignored or not
+    deployment.observer.wait_alert("rt-twin", "dead", 3 * (INTERVAL + INTERVAL) + 2, after=killed)

@@ -101,6 +101,10 @@ class Config:
     outbox_interval: float = 5.0
     """Seconds between looks for notices owed from before (a crash, another orchestrator's)."""
     max_payload: int = 65_536
+    max_runtimes: int = 1_000_000
+    """Registrations beyond this many runtimes are refused (``too_many_runtimes``)."""
+    max_requests_per_minute: int = 30
+    """Live interval requests per runtime ID per minute; more are refused (``rate_limited``)."""
     reconnect_max: float = 10.0
     log_level: str = "INFO"
     http: str | None = None
@@ -161,6 +165,10 @@ class Config:
             raise ConfigError("outbox_lease: between 1 and 3600 seconds")
         if not 0.1 <= self.outbox_interval <= 3600:
             raise ConfigError("outbox_interval: between 0.1 and 3600 seconds")
+        if not 1 <= self.max_runtimes <= 100_000_000:
+            raise ConfigError("max_runtimes: between 1 and 100,000,000")
+        if not 1 <= self.max_requests_per_minute <= 100_000:
+            raise ConfigError("max_requests_per_minute: between 1 and 100,000")
         if not 256 <= self.max_payload <= 16 * 1024 * 1024:
             raise ConfigError("max_payload: between 256 bytes and 16 MiB")
         if not 0.5 <= self.reconnect_max <= 300:

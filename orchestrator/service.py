@@ -133,6 +133,8 @@ class Orchestrator:
         """Set when the link fails its echo; the connection loop then reconnects."""
         self._early_sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.conflicts = ConflictWatch()
+        self._request_counts: dict[str, tuple[float, int]] = {}
+        """Runtime -> (start of its current minute, interval requests in it), for the rate limit."""
         self._db_ok = True
         """False after a failed write until one succeeds: verdicts then go out without waiting for it."""
         self._pending_wills: list[tuple[str, float, int | None]] = []
@@ -637,6 +639,7 @@ class Orchestrator:
 
     async def _register_batch(self, batch: list[_Request]) -> None:
         accepted: list[tuple[_Request, protocol.IntervalRequest | None]] = []
+        new_in_batch: set[str] = set()
         for req in batch:
             try:
                 protocol.check_id(req.runtime_id)
@@ -650,6 +653,15 @@ class Orchestrator:
                 view = self.detector.view(req.runtime_id)
                 if (view.interval, view.grace) == (interval.interval, interval.grace):
                     continue  # the re-delivered copy of what the database already has
+            refusal = self._over_limit(req, interval, new_in_batch)
+            if refusal is not None:
+                reason, error = refusal
+                self._reject(reason, req.runtime_id, f"interval request: {error}")
+                if not req.retained:
+                    await self._reply(req, protocol.encode_reply_error(req.runtime_id, error))
+                continue
+            if interval is not None and req.runtime_id not in self.detector:
+                new_in_batch.add(req.runtime_id)
             accepted.append((req, interval))
         if not accepted:
             return
@@ -702,6 +714,33 @@ class Orchestrator:
             return True
         self._reject("response_topic", runtime_id, f"response topic {_shown(topic)} not allowed")
         return False
+
+    def _over_limit(
+        self, req: _Request, interval: protocol.IntervalRequest | None, new_in_batch: set[str]
+    ) -> tuple[str, str] | None:
+        """``(reason, error)`` if the request exceeds a limit: runtimes watched, or requests per ID per minute.
+
+        Retained copies re-delivered at subscribe are not counted against the
+        rate: they are the broker's doing, not the runtime's.
+        """
+        rid = req.runtime_id
+        new = interval is not None and rid not in self.detector and rid not in new_in_batch
+        if new and len(self.detector) + len(new_in_batch) >= self.config.max_runtimes:
+            return "too_many_runtimes", f"the orchestrator already watches its maximum of {self.config.max_runtimes}"
+        if req.retained:
+            return None
+        now = time.monotonic()
+        start, count = self._request_counts.get(rid, (now, 0))
+        if now - start >= 60.0:
+            start, count = now, 0
+        if count >= self.config.max_requests_per_minute:
+            return "rate_limited", (
+                f"too many interval requests for {rid}: at most {self.config.max_requests_per_minute} a minute"
+            )
+        if len(self._request_counts) >= 100_000:  # many IDs: drop the windows that are over
+            self._request_counts = {k: v for k, v in self._request_counts.items() if now - v[0] < 60.0}
+        self._request_counts[rid] = (start, count + 1)
+        return None
 
     async def _reply(self, req: _Request, payload: bytes) -> None:
         client = self._client

@@ -265,3 +265,40 @@ def test_interval_request_is_not_applied_by_handle_itself(orchestrator: Orchestr
     deliver(orchestrator, (TOPICS.interval("rt-new"), protocol.encode_interval(5.0), False))
     assert "rt-new" not in orchestrator.detector
     assert rejections(orchestrator) == {}
+
+
+# --- limits ------------------------------------------------------------------------
+
+
+def register_all(orchestrator: Orchestrator, requests: list[tuple[str, bytes]]) -> None:
+    """Live interval requests through handle() and the registrar, until each is decided."""
+
+    async def scenario() -> None:
+        async with running(orchestrator):
+            for rid, payload in requests:
+                orchestrator.handle(TOPICS.interval(rid), payload, False)
+            decided = lambda: orchestrator.stats["registrations"] + sum(rejections(orchestrator).values())  # noqa: E731
+            await until(lambda: decided() == len(requests))
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_registrations_beyond_max_runtimes_are_refused(sqlite_url: str) -> None:
+    orchestrator = Orchestrator(Config(db=sqlite_url, broker=UNREACHABLE_BROKER, max_runtimes=3))
+    register_all(orchestrator, [(f"rt-{i}", protocol.encode_interval(5.0)) for i in range(5)])
+    assert sorted(orchestrator.detector.ids()) == ["rt-0", "rt-1", "rt-2"]
+    assert rejections(orchestrator) == {"rejected.too_many_runtimes": 2}
+
+
+def test_a_new_interval_for_a_watched_runtime_is_not_refused_at_max_runtimes(sqlite_url: str) -> None:
+    orchestrator = Orchestrator(Config(db=sqlite_url, broker=UNREACHABLE_BROKER, max_runtimes=1))
+    register_all(orchestrator, [("rt-0", protocol.encode_interval(5.0)), ("rt-0", protocol.encode_interval(7.0))])
+    assert orchestrator.detector.view("rt-0").interval == 7.0
+    assert rejections(orchestrator) == {}
+
+
+def test_interval_requests_beyond_the_rate_per_id_are_refused(sqlite_url: str) -> None:
+    orchestrator = Orchestrator(Config(db=sqlite_url, broker=UNREACHABLE_BROKER, max_requests_per_minute=4))
+    register_all(orchestrator, [("rt-chatty", protocol.encode_interval(1.0 + i)) for i in range(6)])
+    assert orchestrator.detector.view("rt-chatty").interval == 4.0
+    assert rejections(orchestrator) == {"rejected.rate_limited": 2}

@@ -7,6 +7,7 @@ orchestrator silence ...``) or, to test the protocol itself, by hand.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -24,7 +25,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from orchestrator.config import Config
+from orchestrator.service import Orchestrator
+from orchestrator.store import FlipRow, Store
+
 from .harness import TOPICS, Deployment, _env
+from .test_service import UNREACHABLE_BROKER, running, until
 from .webhook import Hook
 
 pytestmark = pytest.mark.e2e
@@ -311,3 +317,63 @@ def test_a_command_answer_comes_on_the_response_topic_with_its_correlation(site:
     assert reply["target"] == "q-?"
     assert reply["matches"] == 0
     assert reply["until"].endswith("Z")
+
+
+# --- in process: the service's command handling, without a broker ------------------------------
+
+
+def test_commands_are_routed_to_the_commander_not_rejected_as_foreign(sqlite_url: str) -> None:
+    orchestrator = Orchestrator(Config(db=sqlite_url, broker=UNREACHABLE_BROKER))
+
+    async def scenario() -> None:
+        async with running(orchestrator):
+            orchestrator.handle(TOPICS.command, b'{"command": "reboot"}', False)
+            orchestrator.handle(TOPICS.command, b'{"command": "silences"}', True)  # a retained copy: ignored
+            orchestrator.handle(TOPICS.command, b'{"command": "silence", "target": "db-*", "for": 60}', False)
+            await until(lambda: orchestrator.dispatcher.silences.get("db-*") is not None)
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+    rejected = {k: v for k, v in orchestrator.stats.items() if k.startswith("rejected")}
+    assert rejected == {"rejected.unknown_command": 1, "rejected.retained_command": 1}
+    store = Store(sqlite_url)
+    store.open()
+    try:
+        [(pattern, until_, reason)] = store.silences()
+    finally:
+        store.close()
+    assert (pattern, reason) == ("db-*", None)
+    assert 55 < until_ - time.time() <= 60
+
+
+def test_stored_silences_are_loaded_at_start_and_hold_the_dead_they_cover(sqlite_url: str) -> None:
+    store = Store(sqlite_url)
+    store.open()
+    try:
+        now = time.time()
+        store.register([("db-1", 1.0, 1.0), ("db-2", 1.0, 1.0), ("web-1", 1.0, 1.0)], now)
+        store.record(
+            [
+                FlipRow("db-1", "unknown", "dead", "dead", "connection lost", now, None),
+                FlipRow("web-1", "unknown", "dead", "dead", "connection lost", now, None),
+            ],
+            {},
+        )
+        store.save_silence("db-*", now + 600, "patching")
+        store.save_silence("old", now - 1, None)
+    finally:
+        store.close()
+    orchestrator = Orchestrator(Config(db=sqlite_url, broker=UNREACHABLE_BROKER))
+
+    async def scenario() -> None:
+        async with running(orchestrator):
+            await until(lambda: len(orchestrator.dispatcher.silences) > 0)
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert [(e.pattern, e.reason) for e in orchestrator.dispatcher.silences.entries()] == [("db-*", "patching")]
+    assert set(orchestrator.dispatcher._held) == {"db-1"}  # dead and silenced: announced if still dead at the end
+    store = Store(sqlite_url)
+    store.open()
+    try:
+        assert [row[0] for row in store.silences()] == ["db-*"]  # the expired one was deleted at start
+    finally:
+        store.close()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +22,9 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
+from runtime_agent import protocol
 from runtime_agent.protocol import Topics, iso, status_dict
-from runtime_agent.url import parse_broker_url
+from runtime_agent.url import BrokerAddress, parse_broker_url
 
 from .broker import BrokerStartError
 from .config import Config, ConfigError, load_config, parse_channels
@@ -78,9 +82,39 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true", help="print a JSON list, oldest first")
     _color_option(history)
 
+    silence = sub.add_parser("silence", help="hold back notices about a runtime (or a glob of them) for a while")
+    silence.add_argument("target", metavar="ID|GLOB", help="a runtime ID, or a glob such as 'db-*' (quote it)")
+    silence.add_argument(
+        "--for", dest="duration", required=True, metavar="DURATION", help="how long: 30s, 15m, 2h, 1d or seconds"
+    )
+    silence.add_argument("--reason", metavar="TEXT", help="why (shown in the notice when the silence ends)")
+    _command_options(silence)
+
+    unsilence = sub.add_parser("unsilence", help="lift a silence now (runtimes still dead are announced once)")
+    unsilence.add_argument("target", metavar="ID|GLOB", help="exactly the ID or glob that was silenced")
+    _command_options(unsilence)
+
+    silences = sub.add_parser("silences", help="list the silences in force")
+    _command_options(silences)
+
+    deregister = sub.add_parser("deregister", help="forget a runtime for good (its history is kept)")
+    deregister.add_argument("runtime_id", metavar="ID", help="the runtime's ID")
+    _command_options(deregister)
+
     demo = sub.add_parser("demo", help="a one-minute tour: embedded broker, orchestrator, three agents, one killed")
     demo.add_argument("--interval", type=float, default=1.0, metavar="S", help="the agents' interval (default 1 s)")
     return parser
+
+
+def _command_options(parser: argparse.ArgumentParser) -> None:
+    """How a maintenance command reaches the running orchestrator: over MQTT, on its command topic."""
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration to take the broker and prefix from")
+    parser.add_argument("--broker", metavar="URL", help="MQTT broker (default mqtt://127.0.0.1:1883)")
+    parser.add_argument("--prefix", metavar="TOPIC", help="topic prefix (default heartbeat/v1)")
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="how long to wait for the answer (10)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the orchestrator's JSON reply as it is")
 
 
 def _database_options(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return history(
                 config, args.runtime_id, limit=_positive("--limit", args.limit), as_json=args.json, color=color
             )
+        if args.command in ("silence", "unsilence", "silences", "deregister"):
+            config = load_config(args.config, broker=args.broker, prefix=args.prefix)
+            if not 0.1 <= args.timeout <= 3600:
+                raise ConfigError("--timeout: between 0.1 and 3600 seconds")
+            return maintenance(config, _maintenance_command(args), timeout=args.timeout, as_json=args.json)
         from .demo import demo
 
         return demo(interval=args.interval)
@@ -508,3 +547,162 @@ def format_table(rows: Sequence[RuntimeRow], *, now: float, color: bool = False)
     summary = ", ".join(paint(f"{counts[s]} {s}", s, color) for s in STATES if counts[s])
     out.append(f"{len(rows)} runtime{'s' if len(rows) != 1 else ''}" + (f": {summary}" if summary else ""))
     return "\n".join(out)
+
+
+# --- maintenance: silence, unsilence, silences, deregister ------------------------------
+
+_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``15m``, ``2h``, ``1d``, ``1.5h`` or plain seconds, within the protocol's 1 s to 366 days."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|m|min|h|d|)\s*", text.lower())
+    if match is None:
+        raise ConfigError(f"--for: a duration such as 30s, 15m, 2h, 1d or a number of seconds, got {text!r}")
+    seconds = float(match[1]) * _UNITS[match[2]]
+    if not protocol.MIN_SILENCE <= seconds <= protocol.MAX_SILENCE:
+        raise ConfigError(f"--for: between 1 second and 366 days, got {text!r}")
+    return seconds
+
+
+def _maintenance_command(args: argparse.Namespace) -> protocol.Command:
+    request_id = f"cli-{uuid.uuid4().hex}"
+    if args.command == "silence":
+        seconds = parse_duration(args.duration)
+        command = protocol.Command("silence", request_id, target=args.target, seconds=seconds, reason=args.reason)
+    elif args.command == "unsilence":
+        command = protocol.Command("unsilence", request_id, target=args.target)
+    elif args.command == "deregister":
+        command = protocol.Command("deregister", request_id, id=args.runtime_id)
+    else:
+        command = protocol.Command("silences", request_id)
+    try:  # the orchestrator checks too; checking here gives the error without a round trip
+        protocol.decode_command(protocol.encode_command(command))
+    except protocol.ProtocolError as exc:
+        raise ConfigError(str(exc)) from None
+    return command
+
+
+class NoAnswer(Exception):
+    """The command went out (or could not) and no orchestrator answered; the message says what is known."""
+
+
+def send_command(config: Config, command: protocol.Command, *, timeout: float) -> dict[str, Any]:
+    """Publish ``command`` on the command topic and wait for the orchestrator's reply (by its request ID)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    assert command.request_id is not None
+    address = _broker_address(config)
+    topics = Topics(config.prefix)
+    reply_topic = topics.command_reply(command.request_id)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"heartbeat-cli-{uuid.uuid4().hex[:8]}")
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    if address.tls:
+        client.tls_set(ca_certs=config.tls_ca, certfile=config.tls_cert, keyfile=config.tls_key)
+    answered = threading.Event()
+    refused: list[str] = []
+    replies: list[bytes] = []
+    orchestrator_state: list[str] = []
+
+    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        if rc.is_failure:
+            refused.append(f"the broker {address.url} refused the connection: {rc}")
+            answered.set()
+            return
+        client.subscribe([(reply_topic, 1), (topics.orchestrator_state, 1)])
+
+    def on_subscribe(client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any = None) -> None:
+        if any(getattr(code, "is_failure", False) for code in codes):
+            refused.append(f"the broker {address.url} refused the subscription to {reply_topic}")
+        client.publish(topics.command, protocol.encode_command(command), qos=1)
+
+    def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == reply_topic:
+            replies.append(bytes(message.payload))
+            answered.set()
+        elif message.topic == topics.orchestrator_state:
+            with contextlib.suppress(ValueError, AttributeError):
+                orchestrator_state.append(str(json.loads(message.payload).get("state")))
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    try:
+        client.connect(address.host, address.port, keepalive=30)
+    except OSError as exc:
+        raise NoAnswer(f"cannot reach the broker {address.url}: {exc.strerror or exc}") from None
+    client.loop_start()
+    try:
+        answered.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if refused:
+        raise NoAnswer("; ".join(refused))
+    if not replies:
+        state = orchestrator_state[-1] if orchestrator_state else None
+        hint = (
+            "the orchestrator says it is offline"
+            if state == "offline"
+            else "is it running, on this broker and prefix?"
+            if state is None
+            else "it says it is online: is this account allowed to publish commands (see config/mosquitto/acl)?"
+        )
+        raise NoAnswer(
+            f"no orchestrator answered within {timeout:g} s on {address.url} (topic {topics.command}): {hint}"
+        )
+    try:
+        return protocol.decode_command_reply(replies[0])
+    except protocol.ProtocolError as exc:
+        raise NoAnswer(f"the orchestrator's reply is not understood: {exc}") from None
+
+
+def _broker_address(config: Config) -> BrokerAddress:
+    if config.broker is not None:
+        return config.broker_address(config.broker)
+    host, port = config.listen_address
+    return parse_broker_url(f"mqtt://{f'[{host}]' if ':' in host else host}:{port}")
+
+
+def maintenance(config: Config, command: protocol.Command, *, timeout: float, as_json: bool) -> int:
+    """Send one maintenance command, print its outcome; 0 if the orchestrator did it, 1 otherwise."""
+    try:
+        reply = send_command(config, command, timeout=timeout)
+    except NoAnswer as exc:
+        return _error(exc)
+    if as_json:
+        print(json.dumps(reply, indent=2))
+        return 0 if reply["ok"] else 1
+    if not reply["ok"]:
+        return _error(reply["error"])
+    print(format_reply(reply, now=time.time()))
+    return 0
+
+
+def format_reply(reply: dict[str, Any], *, now: float) -> str:
+    """A successful reply, for people."""
+    command = reply.get("command")
+    if command == "silence":
+        return _silence_line("silenced", reply, now)
+    if command == "unsilence":
+        return f"lifted the silence on {reply.get('target')}"
+    if command == "deregister":
+        return f"deregistered {reply.get('id')} (its retained status, interval request and state are cleared)"
+    silences = reply.get("silences") or []
+    if not silences:
+        return "no silences"
+    return "\n".join(_silence_line("", entry, now).lstrip() for entry in silences)
+
+
+def _silence_line(verb: str, entry: dict[str, Any], now: float) -> str:
+    until = entry.get("until")
+    left = ""
+    if isinstance(until, str):
+        with contextlib.suppress(ValueError):
+            left = f" ({duration(max(0.0, datetime.fromisoformat(until).timestamp() - now))} left)"
+    matches = entry.get("matches")
+    matching = "" if matches is None else f", matching {matches} registered runtime{'s' if matches != 1 else ''}"
+    reason = f": {entry['reason']}" if entry.get("reason") else ""
+    return f"{verb} {entry.get('target')} until {until}{left}{matching}{reason}"

@@ -48,6 +48,7 @@ from .dispatch import Dispatcher, Route, build_routes, retry_policy, storm_polic
 from .ingest import PulseReader, PulseReaderError
 from .metrics import LatencyHistogram
 from .notify import MqttNotifier, Notice, NotifyError
+from .silence import Silence, SilenceBook
 from .store import FlipRow, RuntimeRow, Store, redact_url
 
 log = logging.getLogger("orchestrator")
@@ -59,6 +60,10 @@ _CONFLICT_WINDOWS = 10
 """Signs of a shared ID count within this many intervals (+ grace); a conflict lasts as long."""
 _WILL_GATHER = 0.05
 """Seconds the watcher waits after a will for the rest of its burst, before proving the link."""
+_COMMAND_QUEUE = 1_000
+"""Maintenance commands waiting to run; more are refused (``busy``): they are a person's, not a fleet's."""
+_CLEAR_ECHO = 30.0
+"""Seconds an empty message on a topic we cleared is taken for the echo of our own clear."""
 
 
 class WallClock:
@@ -88,6 +93,18 @@ class _Request:
     retained: bool
     response_topic: str | None
     correlation: bytes | None
+
+
+@dataclass(slots=True)
+class _CommandRequest:
+    payload: bytes
+    retained: bool
+    response_topic: str | None
+    correlation: bytes | None
+
+
+class _CommandFailed(Exception):
+    """A well-formed command that cannot be done (nothing to lift, not registered): the reply says why."""
 
 
 class Orchestrator:
@@ -143,6 +160,10 @@ class Orchestrator:
         """(last known alive, restarted) when the monitor was down long enough to miss a death."""
         self.listeners: list[Callable[[Transition], None]] = []
         """Called with every transition on the event loop (the dashboard's change feed); each must be quick."""
+        self._commands: asyncio.Queue[_CommandRequest] = asyncio.Queue(maxsize=_COMMAND_QUEUE)
+        """Maintenance commands from administrators, run one at a time by ``_commander``."""
+        self._cleared: dict[str, float] = {}
+        """Retained topics we just cleared (deregistration) -> until when their echo is ours to drop."""
         self.verdict_latency = LatencyHistogram()
         """Seconds from a runtime's deadline to its dead verdict, for ``/metrics``."""
         self._awaiting: dict[tuple[str, float], int] = {}
@@ -190,6 +211,7 @@ class Orchestrator:
             )
         log.info("loaded %d runtimes from %s", len(rows), redact_url(self.config.db))
         self._check_downtime(await self._db(self.store.alive_at), rows)
+        await self._load_silences()
         async with contextlib.AsyncExitStack() as stack:
             if self.config.broker is None:
                 host, port = self.config.listen_address
@@ -210,6 +232,7 @@ class Orchestrator:
                     self._flusher,
                     self._stats_publisher,
                     self._redeliver,
+                    self._commander,
                     self.dispatcher.run,
                 )
             ]
@@ -458,6 +481,9 @@ class Orchestrator:
         """Route one message. Pulses are decoded only when non-empty."""
         parsed = self.topics.parse(topic)
         if parsed is None:
+            if topic == self.topics.command:
+                self._on_command(payload, retained, properties)
+                return
             self._reject("foreign_topic", topic)
             return
         kind, runtime_id = parsed
@@ -467,6 +493,8 @@ class Orchestrator:
         if kind == "pulse":
             self.on_pulse(runtime_id, bytes(payload), now)
             return
+        if not payload and self._cleared and self._our_clear(topic, now):
+            return  # the echo of our own clearing of a deregistered runtime's retained message
         try:
             if kind == "state":
                 message = protocol.decode_state(payload, limit=self.config.max_payload)
@@ -1090,6 +1118,180 @@ class Orchestrator:
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # --- maintenance commands: silence, unsilence, deregister, silences ------
+
+    async def _load_silences(self) -> None:
+        """Put the stored silences into the dispatcher (the expired ones are deleted), then hold the dead.
+
+        A runtime already dead under a silence is re-checked when the silence
+        ends, as if its notice had been held by this process.
+        """
+        try:
+            pruned = await self._db(self.store.prune_silences, time.time())
+            rows = await self._db(self.store.silences)
+        except Exception as exc:
+            shown = redact_url(self.config.db)
+            message = str(exc).replace(self.config.db, shown)
+            raise RuntimeError(f"cannot read the silences from {shown}: {message}") from exc
+        self.dispatcher.silences = SilenceBook.from_rows(rows)
+        self.dispatcher.restore_held(v.runtime_id for v in self.detector.views() if v.state is State.DEAD)
+        if rows or pruned:
+            log.info("loaded %d silences (%d expired ones deleted)", len(rows), pruned)
+
+    def _on_command(self, payload: Any, retained: bool, properties: Properties | None) -> None:
+        """Queue a command from ``{prefix}/orchestrator/command`` for the commander (called by ``handle``)."""
+        if not isinstance(payload, bytes | bytearray):
+            payload = b"" if payload is None else str(payload).encode()
+        response_topic, correlation = _response_to(properties)
+        try:
+            self._commands.put_nowait(_CommandRequest(bytes(payload), retained, response_topic, correlation))
+        except asyncio.QueueFull:
+            self._reject("busy", "command:busy", "command: too many commands waiting")
+
+    async def _commander(self) -> None:
+        """Run the commands one at a time: database first, then memory, then the reply."""
+        while True:
+            req = await self._commands.get()
+            try:
+                await self._run_command(req)
+            except Exception:  # one command must never stop the others
+                self.stats["errors"] += 1
+                log.exception("command failed")
+
+    async def _run_command(self, req: _CommandRequest) -> None:
+        if req.retained:
+            # The live copy ran when it was sent; a retained one would run again at every (re)subscribe.
+            self._reject("retained_command", "command:retained", "retained command (not run, not answered)")
+            return
+        request_id = protocol.peek_request_id(req.payload, limit=self.config.max_payload)
+        try:
+            command = protocol.decode_command(req.payload, limit=self.config.max_payload)
+        except ProtocolError as exc:
+            self._reject(exc.reason, f"command:{exc.reason}", f"command: {exc}")
+            reply = protocol.encode_command_reply(False, None, request_id, error=str(exc))
+            await self._reply_command(req, request_id, reply)
+            return
+        run = {
+            "silence": self._command_silence,
+            "unsilence": self._command_unsilence,
+            "deregister": self._command_deregister,
+            "silences": self._command_silences,
+        }[command.command]
+        try:
+            fields = await run(command)
+        except _CommandFailed as exc:
+            log.info("command %s refused: %s", command.command, exc)
+            reply = protocol.encode_command_reply(False, command.command, command.request_id, error=str(exc))
+        except Exception as exc:
+            self.stats["rejected.database"] += 1
+            log.error("command %s failed: database: %s", command.command, exc)
+            error = "the orchestrator's database is unavailable; try again"
+            reply = protocol.encode_command_reply(False, command.command, command.request_id, error=error)
+        else:
+            self.stats["commands"] += 1
+            reply = protocol.encode_command_reply(True, command.command, command.request_id, **fields)
+        await self._reply_command(req, command.request_id, reply)
+        with contextlib.suppress(Exception):  # expired silences are only clutter: deleted when convenient
+            await self._db(self.store.prune_silences, time.time())
+
+    async def _command_silence(self, command: protocol.Command) -> dict[str, Any]:
+        assert command.target is not None
+        assert command.seconds is not None
+        until = time.time() + command.seconds
+        await self._db(self.store.save_silence, command.target, until, command.reason)
+        self.dispatcher.silence(command.target, until, command.reason)
+        why = f" ({command.reason})" if command.reason else ""
+        log.warning("silenced %s for %.0f s%s", command.target, command.seconds, why)
+        return self._silence_fields(Silence(command.target, until, command.reason))
+
+    async def _command_unsilence(self, command: protocol.Command) -> dict[str, Any]:
+        assert command.target is not None
+        entry = self.dispatcher.silences.get(command.target)
+        if entry is None or entry.until <= time.time():
+            raise _CommandFailed(f"no silence on {command.target!r}")
+        await self._db(self.store.delete_silence, command.target)
+        self.dispatcher.unsilence(command.target)
+        log.warning("lifted the silence on %s", command.target)
+        return {"target": command.target, "lifted": True}
+
+    async def _command_silences(self, command: protocol.Command) -> dict[str, Any]:
+        now = time.time()
+        return {"silences": [self._silence_fields(e) for e in self.dispatcher.silences.entries() if e.until > now]}
+
+    def _silence_fields(self, entry: Silence) -> dict[str, Any]:
+        matches = sum(1 for rid in self.detector.ids() if entry.matches(rid))
+        return {"target": entry.pattern, "until": protocol.iso(entry.until), "reason": entry.reason, "matches": matches}
+
+    async def _command_deregister(self, command: protocol.Command) -> dict[str, Any]:
+        """Forget a runtime for good: its record, and every retained message that would bring it back."""
+        rid = command.id
+        assert rid is not None
+        if rid not in self.detector:
+            raise _CommandFailed(f"{rid} is not registered")
+        await self._db(self.store.deregister, [rid])
+        self.detector.deregister(rid)
+        self._early_sessions.pop(rid, None)
+        self._status_due.add(rid)  # cleared by the publisher should the clears below not reach the broker
+        self._rearm.set()
+        self._outbox_wake.set()
+        log.warning("%s deregistered by command", rid)
+        client = self._client
+        if client is not None:
+            try:
+                await self._clear_retained(client, rid)
+            except aiomqtt.MqttError as exc:
+                log.warning("could not clear the retained messages of %s: %s", rid, exc)
+        return {"id": rid, "deregistered": True}
+
+    async def _clear_retained(self, client: aiomqtt.Client, runtime_id: str) -> None:
+        """Clear a deregistered runtime's retained status, interval request and state.
+
+        Without the interval request an orchestrator restart would register it
+        again. We are subscribed to those topics: the echo of each clear is
+        recognised (``_our_clear``) rather than taken for a deregistration or
+        rejected as a malformed state.
+        """
+        now = time.monotonic()
+        if len(self._cleared) > _MAX_LOGGED_IDS:
+            self._cleared = {t: until for t, until in self._cleared.items() if until > now}
+        topics = (self.topics.interval(runtime_id), self.topics.state(runtime_id))
+        for topic in topics:
+            self._cleared[topic] = now + _CLEAR_ECHO
+        await asyncio.gather(
+            self._publish_status(client, runtime_id),
+            *(client.publish(topic, b"", qos=1, retain=True) for topic in topics),
+        )
+
+    def _our_clear(self, topic: str, now: float) -> bool:
+        """True (once) for the echo of an empty retained message we published on ``topic``."""
+        until = self._cleared.pop(topic, None)
+        return until is not None and until >= now
+
+    def _may_reply_to_command(self, topic: str) -> bool:
+        """As for interval requests (``_may_reply_on``): outside our prefix, under ``{prefix}/replies/``,
+        or under ``{prefix}/orchestrator/command/reply/``; never status, alerts or a runtime's topics."""
+        root = self.topics.prefix + "/"
+        if not topic.startswith(root) or topic.startswith((root + "replies/", self.topics.command + "/reply/")):
+            return True
+        self._reject("response_topic", "command:response_topic", f"command response topic {_shown(topic)} not allowed")
+        return False
+
+    async def _reply_command(self, req: _CommandRequest, request_id: str | None, payload: bytes) -> None:
+        """Answer on the MQTT 5 Response Topic if usable, else on ``.../command/reply/{request_id}``, else not."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            if req.response_topic is not None and self._may_reply_to_command(req.response_topic):
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                if req.correlation is not None:
+                    props.CorrelationData = req.correlation
+                await client.publish(req.response_topic, payload, qos=1, properties=props)
+            elif request_id is not None:
+                await client.publish(self.topics.command_reply(request_id), payload, qos=1)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not reply to a command: %s", exc)
 
 
 def _resolve(waiters: list[asyncio.Future[set[str]]], lost: set[str]) -> None:

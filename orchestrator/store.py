@@ -88,10 +88,22 @@ class Fact(BaseModel):
         table_name = "heartbeat_meta"
 
 
+class Silence(BaseModel):
+    """A maintenance silence: notices for runtimes matching ``pattern`` (an ID or a glob) held until ``until``."""
+
+    pattern = peewee.CharField(primary_key=True, max_length=256)
+    until = peewee.DoubleField()
+    reason = peewee.TextField(null=True)
+    created_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "silence"
+
+
 Flip.add_index(Flip.index(Flip.claimed_until, where=Flip.notified_at.is_null(), name="flip_owed"))
 """Partial index: the outbox scan reads only the flips still owed a notice."""
 
-MODELS: list[type[BaseModel]] = [Runtime, Flip, Fact]
+MODELS: list[type[BaseModel]] = [Runtime, Flip, Fact, Silence]
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +242,35 @@ class Store:
             for chunk in peewee.chunked(ids, _BATCH):
                 Runtime.delete().where(Runtime.id.in_(chunk)).execute()
         self.transactions += 1
+
+    def silences(self) -> list[tuple[str, float, str | None]]:
+        """Every stored silence as ``(pattern, until, reason)`` rows, by pattern (``SilenceBook.from_rows``)."""
+        query = Silence.select(Silence.pattern, Silence.until, Silence.reason).order_by(Silence.pattern).tuples()
+        return [(pattern, until, reason) for pattern, until, reason in query.iterator()]
+
+    def save_silence(self, pattern: str, until: float, reason: str | None, now: float | None = None) -> None:
+        """Store a silence; one for the same pattern is replaced (as in the silence book)."""
+        now = time.time() if now is None else now
+        with self.db.atomic():
+            Silence.insert(pattern=pattern, until=until, reason=reason, created_at=now).on_conflict(
+                conflict_target=[Silence.pattern],
+                update={Silence.until: until, Silence.reason: reason, Silence.created_at: now},
+            ).execute()
+        self.transactions += 1
+
+    def delete_silence(self, pattern: str) -> bool:
+        """Delete the silence on exactly ``pattern``; False if there was none."""
+        with self.db.atomic():
+            deleted = Silence.delete().where(Silence.pattern == pattern).execute()
+        self.transactions += 1
+        return bool(deleted)
+
+    def prune_silences(self, now: float) -> int:
+        """Delete the silences that ended at or before ``now``; how many there were."""
+        with self.db.atomic():
+            deleted = Silence.delete().where(Silence.until <= now).execute()
+        self.transactions += 1
+        return int(deleted)
 
     def record(
         self,

@@ -76,7 +76,15 @@ def check_seconds(name: str, value: object) -> float:
 class Topics:
     """Every topic of protocol v1 under one configurable prefix."""
 
-    __slots__ = ("_runtimes", "_runtimes_len", "alerts", "orchestrator_state", "orchestrator_stats", "prefix")
+    __slots__ = (
+        "_runtimes",
+        "_runtimes_len",
+        "alerts",
+        "command",
+        "orchestrator_state",
+        "orchestrator_stats",
+        "prefix",
+    )
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         if not prefix or prefix.startswith("/") or prefix.endswith("/") or any(c in prefix for c in "+#\0"):
@@ -87,6 +95,8 @@ class Topics:
         self.alerts = f"{prefix}/alerts"
         self.orchestrator_state = f"{prefix}/orchestrator/state"
         self.orchestrator_stats = f"{prefix}/orchestrator/stats"
+        self.command = f"{prefix}/orchestrator/command"
+        """Where administrators send maintenance commands (silence, deregister ...)."""
 
     def interval(self, runtime_id: str) -> str:
         return f"{self._runtimes}{runtime_id}/interval"
@@ -107,6 +117,10 @@ class Topics:
         """Where an orchestrator sends itself a message to prove its link (see docs/protocol.md)."""
         return f"{self.prefix}/orchestrator/echo/{client_id}"
 
+    def command_reply(self, request_id: str) -> str:
+        """Where the answer to a command carrying ``request_id`` goes (without an MQTT 5 Response Topic)."""
+        return f"{self.command}/reply/{request_id}"
+
     @property
     def status_filter(self) -> str:
         return f"{self.prefix}/status/+"
@@ -121,6 +135,7 @@ class Topics:
             (f"{self._runtimes}+/interval", 1),
             (f"{self._runtimes}+/state", 1),
             (self.pulse_filter, 0),
+            (self.command, 1),
         ]
 
     def pulse_id(self, topic: str) -> str:
@@ -366,3 +381,154 @@ def encode_monitor_down(*, since: float, back: float, runtimes: int) -> bytes:
             "reason": f"the orchestrator was not running for about {back - since:.0f} s",
         }
     ).encode()
+
+
+# --- maintenance commands (administrators -> orchestrator) -------------------
+
+COMMANDS: Final = ("silence", "unsilence", "deregister", "silences")
+MIN_SILENCE: Final = 1.0
+"""Shortest silence, in seconds."""
+MAX_SILENCE: Final = 366 * 86_400.0
+"""Longest silence, in seconds (366 days)."""
+MAX_TARGET_LENGTH: Final = 256
+"""Longest silence target (an ID, or a glob, which may spell out character classes)."""
+MAX_REASON_LENGTH: Final = 500
+
+_TARGET_RE: Final = re.compile(r"[A-Za-z0-9._:\-*?\[\]]+")
+_COMMAND_FIELDS: Final = {
+    "silence": frozenset({"target", "for", "reason"}),
+    "unsilence": frozenset({"target"}),
+    "deregister": frozenset({"id"}),
+    "silences": frozenset(),
+}
+_ALWAYS: Final = frozenset({"command", "request_id"})
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One maintenance command; only the fields of its kind are set."""
+
+    command: str
+    request_id: str | None = None
+    target: str | None = None
+    """silence, unsilence: a runtime ID or a glob of ID characters and ``* ? [ ]``."""
+    seconds: float | None = None
+    """silence: how long, from when the orchestrator receives it."""
+    reason: str | None = None
+    id: str | None = None
+    """deregister: the runtime."""
+
+
+def check_target(target: object) -> str:
+    """A silence target: a runtime ID, or a glob of ID characters and ``* ? [ ]`` (``bad_target``)."""
+    if not isinstance(target, str):
+        raise ProtocolError("bad_target", f"target must be a runtime ID or a glob, got {type(target).__name__}")
+    if not 1 <= len(target) <= MAX_TARGET_LENGTH or _TARGET_RE.fullmatch(target) is None:
+        shown = repr(target) if len(target) <= 80 else repr(target[:77]) + "..."
+        raise ProtocolError(
+            "bad_target",
+            f"invalid target {shown}: a runtime ID or a glob of 1-{MAX_TARGET_LENGTH} characters of "
+            "A-Z a-z 0-9 . _ - : and * ? [ ]",
+        )
+    if not any(c in target for c in "*?[") and not is_valid_id(target):
+        raise ProtocolError(
+            "bad_target",
+            f"invalid target {target[:80]!r}: without * ? or [ it is a runtime ID, "
+            f"1-{MAX_ID_LENGTH} characters of A-Z a-z 0-9 . _ - :",
+        )
+    return target
+
+
+def check_silence_seconds(value: object) -> float:
+    """How long a silence lasts: a finite number of seconds from 1 to 366 days."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError("bad_type", f"'for' must be a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or not MIN_SILENCE <= seconds <= MAX_SILENCE:
+        raise ProtocolError(
+            "out_of_range",
+            f"'for' must be between {MIN_SILENCE:g} and {MAX_SILENCE:g} seconds (366 days), got {value!r}",
+        )
+    return seconds
+
+
+def peek_request_id(payload: bytes, *, limit: int = MAX_PAYLOAD) -> str | None:
+    """The valid ``request_id`` of a command, even one that is otherwise wrong (to send the error to)."""
+    try:
+        obj = decode_object(payload, limit=limit)
+    except ProtocolError:
+        return None
+    rid = obj.get("request_id")
+    return rid if is_valid_id(rid) else None
+
+
+def decode_command(payload: bytes, *, limit: int = MAX_PAYLOAD) -> Command:
+    """Decode a maintenance command, strictly: unknown commands and fields are rejected."""
+    obj = decode_object(payload, limit=limit)
+    command = obj.get("command")
+    if command is None:
+        raise ProtocolError("missing_field", "missing field 'command'")
+    if not isinstance(command, str):
+        raise ProtocolError("bad_type", f"command must be a string, got {type(command).__name__}")
+    if command not in _COMMAND_FIELDS:
+        shown = repr(command) if len(command) <= 40 else repr(command[:37]) + "..."
+        raise ProtocolError("unknown_command", f"unknown command {shown} (known: {', '.join(COMMANDS)})")
+    allowed = _COMMAND_FIELDS[command]
+    unknown = sorted(set(obj) - allowed - _ALWAYS)
+    if unknown:
+        raise ProtocolError("unknown_field", f"unknown field(s) {', '.join(map(repr, unknown))[:200]} for {command}")
+    request_id = obj.get("request_id")
+    if request_id is not None and not is_valid_id(request_id):
+        raise ProtocolError("bad_request_id", "request_id must be 1-128 characters of A-Z a-z 0-9 . _ - :")
+    for name in sorted(allowed - {"reason"}):
+        if name not in obj:
+            raise ProtocolError("missing_field", f"missing field {name!r} for {command}")
+    if command == "deregister":
+        return Command(command, request_id, id=check_id(obj["id"]))
+    if command == "silences":
+        return Command(command, request_id)
+    target = check_target(obj["target"])
+    if command == "unsilence":
+        return Command(command, request_id, target=target)
+    reason = obj.get("reason")
+    if reason is not None:
+        if not isinstance(reason, str):
+            raise ProtocolError("bad_type", f"reason must be a string, got {type(reason).__name__}")
+        if len(reason) > MAX_REASON_LENGTH:
+            raise ProtocolError("too_long", f"reason has {len(reason)} characters, at most {MAX_REASON_LENGTH}")
+        reason = reason or None
+    return Command(command, request_id, target=target, seconds=check_silence_seconds(obj["for"]), reason=reason)
+
+
+def encode_command(command: Command) -> bytes:
+    body: dict[str, Any] = {"command": command.command}
+    if command.target is not None:
+        body["target"] = command.target
+    if command.seconds is not None:
+        body["for"] = command.seconds
+    if command.reason is not None:
+        body["reason"] = command.reason
+    if command.id is not None:
+        body["id"] = command.id
+    if command.request_id is not None:
+        body["request_id"] = command.request_id
+    return json.dumps(body).encode()
+
+
+def encode_command_reply(ok: bool, command: str | None, request_id: str | None, **fields: Any) -> bytes:
+    """``{"ok": true, "command": ..., ...}`` or, with ``error=...``, ``{"ok": false, ..., "error": ...}``."""
+    body: dict[str, Any] = {"ok": ok, "command": command}
+    if request_id is not None:
+        body["request_id"] = request_id
+    body.update(fields)
+    return json.dumps(body).encode()
+
+
+def decode_command_reply(payload: bytes) -> dict[str, Any]:
+    """A command reply as a dict; it has a boolean ``ok`` and, when false, an ``error`` string."""
+    obj = decode_object(payload)
+    if not isinstance(obj.get("ok"), bool):
+        raise ProtocolError("bad_type", "reply needs a boolean 'ok'")
+    if not obj["ok"] and not isinstance(obj.get("error"), str):
+        raise ProtocolError("bad_type", "a failed reply needs an 'error' string")
+    return obj

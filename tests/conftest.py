@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from .harness import Deployment, MosquittoBroker, start_mosquitto
+from .webhook import Hook
 
 PG_ADMIN_URL = os.environ.get("HEARTBEAT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -66,6 +67,16 @@ def pg_deployment(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -
     """The same, with the database on the machine's PostgreSQL (a fresh database per test)."""
     with Deployment.running(request.param, tmp_path, pg_url) as d:
         yield d
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    """A webhook receiver on a free loopback port (see tests/webhook.py)."""
+    h = Hook()
+    try:
+        yield h
+    finally:
+        h.close()
 
 
 @pytest.fixture

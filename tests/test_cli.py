@@ -21,7 +21,8 @@ import paho.mqtt.publish as publish
 import pytest
 
 from orchestrator.broker import free_port
-from orchestrator.cli import ago, duration, format_alert, format_table, use_color
+from orchestrator.cli import ago, duration, format_alert, format_reply, format_table, parse_duration, use_color
+from orchestrator.config import ConfigError
 from orchestrator.store import FlipRow, RuntimeRow, Store
 
 from .harness import ROOT, TOPICS, MosquittoBroker
@@ -646,3 +647,111 @@ def test_history_of_an_unknown_runtime_exits_1_saying_so(tmp_path: Path, history
 )
 def test_duration_picks_the_unit_by_size(seconds: float, expected: str) -> None:
     assert duration(seconds) == expected
+
+
+# --- maintenance commands ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("15m", 900), ("15min", 900), ("2h", 7200), ("1d", 86400), ("90", 90), ("1.5h", 5400), ("2 H", 7200)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "1w", "-5m", "0.5s", "367d", "1h30m", "nan"])
+def test_parse_duration_rejects_what_it_cannot_read_or_the_protocol_refuses(text: str) -> None:
+    with pytest.raises(ConfigError, match="--for"):
+        parse_duration(text)
+
+
+def test_format_reply_for_people() -> None:
+    silence = {
+        "ok": True,
+        "command": "silence",
+        "target": "db-*",
+        "until": "2026-11-28T22:41:56.123Z",
+        "reason": "patching",
+        "matches": 3,
+    }
+    now = T0 + 3600 - 180
+    assert format_reply(silence, now=now) == (
+        "silenced db-* until 2026-11-28T22:41:56.123Z (3 min left), matching 3 registered runtimes: patching"
+    )
+    listed = {"ok": True, "command": "silences", "silences": [dict(silence, matches=1, reason=None)]}
+    assert format_reply(listed, now=now) == (
+        "db-* until 2026-11-28T22:41:56.123Z (3 min left), matching 1 registered runtime"
+    )
+    assert format_reply({"ok": True, "command": "silences", "silences": []}, now=now) == "no silences"
+    assert format_reply({"ok": True, "command": "unsilence", "target": "db-*"}, now=now).startswith("lifted")
+    assert format_reply({"ok": True, "command": "deregister", "id": "rt-1"}, now=now).startswith("deregistered rt-1")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["silence", "rt-1", "--for", "soon"], "--for"),
+        (["silence", "rt 1", "--for", "1h"], "invalid target"),
+        (["deregister", "db-*"], "invalid runtime id"),
+        (["silences", "--timeout", "0"], "--timeout"),
+    ],
+)
+def test_maintenance_commands_check_their_arguments_before_sending(tmp_path: Path, args: list[str], says: str) -> None:
+    done = cli(*args, "--broker", "mqtt://127.0.0.1:1", cwd=tmp_path)
+    assert done.returncode == 2
+    assert says in done.stderr
+
+
+def test_maintenance_command_without_a_broker_says_so(tmp_path: Path) -> None:
+    done = cli("silences", "--broker", f"mqtt://127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "cannot reach the broker" in done.stderr
+
+
+def test_maintenance_command_without_an_orchestrator_says_so(tmp_path: Path, mosquitto: MosquittoBroker) -> None:
+    started = time.monotonic()
+    done = cli("unsilence", "db-*", "--broker", mosquitto.url, "--timeout", "1", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "no orchestrator answered within 1 s" in done.stderr
+    assert "is it running, on this broker and prefix?" in done.stderr
+    assert time.monotonic() - started < 15
+
+
+def test_maintenance_command_takes_broker_and_prefix_from_the_config(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """A stand-in orchestrator on prefix acme/hb answers; the CLI finds it through --config alone."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from runtime_agent import protocol
+
+    topics = protocol.Topics("acme/hb")
+    got: list[protocol.Command] = []
+
+    def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        command = protocol.decode_command(message.payload)
+        got.append(command)
+        assert command.request_id is not None
+        reply = protocol.encode_command_reply(True, "deregister", command.request_id, id=command.id, deregistered=True)
+        client.publish(topics.command_reply(command.request_id), reply, qos=1)
+
+    subscribed = threading.Event()
+    fake = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fake-orchestrator")
+    fake.on_message = on_message
+    fake.on_subscribe = lambda *args: subscribed.set()
+    fake.connect("127.0.0.1", mosquitto.port)
+    fake.loop_start()
+    try:
+        fake.subscribe(topics.command, qos=1)
+        assert subscribed.wait(10)
+        config = tmp_path / "orchestrator.yaml"
+        config.write_text(f"broker: {mosquitto.url}\nprefix: acme/hb\n")
+        done = cli("deregister", "rt-9", "--config", str(config), cwd=tmp_path)
+    finally:
+        fake.disconnect()
+        fake.loop_stop()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("deregistered rt-9")
+    assert [(c.command, c.id) for c in got] == [("deregister", "rt-9")]

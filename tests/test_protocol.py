@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from runtime_agent.protocol import (
@@ -17,7 +17,11 @@ from runtime_agent.protocol import (
     MAX_ID_LENGTH,
     MAX_INTERVAL,
     MAX_PAYLOAD,
+    MAX_SILENCE,
+    MAX_TARGET_LENGTH,
     MIN_INTERVAL,
+    MIN_SILENCE,
+    Command,
     IntervalRequest,
     ProtocolError,
     Pulse,
@@ -26,12 +30,16 @@ from runtime_agent.protocol import (
     Topics,
     check_id,
     check_seconds,
+    decode_command,
+    decode_command_reply,
     decode_interval,
     decode_object,
     decode_pulse,
     decode_reply,
     decode_state,
     encode_alert,
+    encode_command,
+    encode_command_reply,
     encode_interval,
     encode_pulse,
     encode_reply_error,
@@ -40,6 +48,7 @@ from runtime_agent.protocol import (
     encode_status,
     is_valid_id,
     iso,
+    peek_request_id,
     status_dict,
 )
 
@@ -150,6 +159,7 @@ def test_orchestrator_subscriptions_and_their_qos() -> None:
         ("heartbeat/v1/runtimes/+/interval", 1),
         ("heartbeat/v1/runtimes/+/state", 1),
         ("heartbeat/v1/runtimes/+/pulse", 0),
+        ("heartbeat/v1/orchestrator/command", 1),
     ]
 
 
@@ -209,7 +219,9 @@ def test_custom_prefix_is_used_everywhere() -> None:
     assert topics.pulse("rt-1") == "acme/site-1/hb/runtimes/rt-1/pulse"
     assert topics.status("rt-1") == "acme/site-1/hb/status/rt-1"
     assert topics.alerts == "acme/site-1/hb/alerts"
-    assert all(topic.startswith("acme/site-1/hb/runtimes/+/") for topic, _ in topics.subscriptions())
+    assert all(topic.startswith("acme/site-1/hb/") for topic, _ in topics.subscriptions())
+    assert topics.command == "acme/site-1/hb/orchestrator/command"
+    assert topics.command_reply("r1") == "acme/site-1/hb/orchestrator/command/reply/r1"
     assert topics.parse("acme/site-1/hb/runtimes/rt-1/state") == ("state", "rt-1")
     assert topics.parse("heartbeat/v1/runtimes/rt-1/state") is None
     assert Topics().parse(topics.pulse("rt-1")) is None
@@ -697,3 +709,127 @@ def test_every_in_bounds_interval_round_trips(interval: float, grace: float | No
     expected = IntervalRequest(interval, interval if grace is None else grace)
 
     assert decode_interval(encode_interval(interval, grace)) == expected
+
+
+# --- maintenance commands ---------------------------------------------------------
+
+COMMAND_REASONS = REASONS | {"unknown_command", "bad_target", "bad_id", "bad_request_id", "too_long"}
+
+
+def command(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def test_command_topics() -> None:
+    topics = Topics()
+    assert topics.command == "heartbeat/v1/orchestrator/command"
+    assert topics.command_reply("req-1") == "heartbeat/v1/orchestrator/command/reply/req-1"
+    assert topics.parse(topics.command) is None  # not a runtime's topic
+
+
+def test_silence_command_decodes_with_all_its_fields() -> None:
+    payload = command(command="silence", target="db-*", reason="patching", request_id="r1", **{"for": 900})
+    assert decode_command(payload) == Command("silence", "r1", target="db-*", seconds=900.0, reason="patching")
+
+
+def test_silence_command_reason_is_optional_and_empty_means_none() -> None:
+    assert decode_command(command(command="silence", target="rt-1", **{"for": 1})).reason is None
+    assert decode_command(command(command="silence", target="rt-1", reason="", **{"for": 1})).reason is None
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        Command("silence", "r-1", target="web-[0-9]?", seconds=MAX_SILENCE, reason="why"),
+        Command("silence", None, target="rt-1", seconds=MIN_SILENCE),
+        Command("unsilence", "r-2", target="*"),
+        Command("deregister", "r-3", id="rt-1"),
+        Command("silences", "r-4"),
+        Command("silences"),
+    ],
+)
+def test_every_command_round_trips(cmd: Command) -> None:
+    assert decode_command(encode_command(cmd)) == cmd
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason", "says"),
+    [
+        ({}, "missing_field", "'command'"),
+        ({"command": 7}, "bad_type", "string"),
+        ({"command": "reboot"}, "unknown_command", "unknown command 'reboot'"),
+        ({"command": "silences", "target": "x"}, "unknown_field", "'target'"),
+        ({"command": "deregister", "id": "rt-1", "force": True}, "unknown_field", "'force'"),
+        ({"command": "silence", "target": "rt-1"}, "missing_field", "'for'"),
+        ({"command": "silence", "for": 60}, "missing_field", "'target'"),
+        ({"command": "unsilence"}, "missing_field", "'target'"),
+        ({"command": "deregister"}, "missing_field", "'id'"),
+        ({"command": "silence", "target": "rt-1", "for": 0.5}, "out_of_range", "between 1 and"),
+        ({"command": "silence", "target": "rt-1", "for": 366 * 86400 + 1}, "out_of_range", "366 days"),
+        ({"command": "silence", "target": "rt-1", "for": "1h"}, "bad_type", "number of seconds"),
+        ({"command": "silence", "target": "rt-1", "for": True}, "bad_type", "number of seconds"),
+        ({"command": "silence", "target": "rt-1", "for": 60, "reason": 5}, "bad_type", "reason"),
+        ({"command": "silence", "target": "rt-1", "for": 60, "reason": "x" * 501}, "too_long", "500"),
+        ({"command": "silence", "target": "rt 1", "for": 60}, "bad_target", "invalid target"),
+        ({"command": "silence", "target": "db/#", "for": 60}, "bad_target", "invalid target"),
+        ({"command": "silence", "target": "[!a]*", "for": 60}, "bad_target", "invalid target"),
+        ({"command": "silence", "target": "", "for": 60}, "bad_target", "invalid target"),
+        ({"command": "silence", "target": "*" * 257, "for": 60}, "bad_target", "invalid target"),
+        ({"command": "silence", "target": "a" * 129, "for": 60}, "bad_target", "1-128 characters"),
+        ({"command": "silence", "target": "]", "for": 60}, "bad_target", "runtime ID"),
+        ({"command": "silence", "target": ["rt-1"], "for": 60}, "bad_target", "list"),
+        ({"command": "unsilence", "target": None}, "bad_target", "NoneType"),
+        ({"command": "deregister", "id": "db-*"}, "bad_id", "invalid runtime id"),
+        ({"command": "silences", "request_id": "a/b"}, "bad_request_id", "request_id"),
+    ],
+)
+def test_bad_commands_are_rejected_with_a_reason(fields: dict[str, Any], reason: str, says: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_command(command(**fields))
+    assert caught.value.reason == reason
+    assert says in str(caught.value)
+
+
+def test_a_glob_target_may_be_longer_than_an_id() -> None:
+    target = "[ab]" * 64
+    assert decode_command(command(command="unsilence", target=target)).target == target
+
+
+def test_request_id_is_found_even_in_a_bad_command() -> None:
+    assert peek_request_id(command(command="reboot", request_id="r-9")) == "r-9"
+    assert peek_request_id(command(command="silences", request_id="no spaces")) is None
+    assert peek_request_id(b"not json") is None
+
+
+def test_command_reply_codec() -> None:
+    ok = decode_command_reply(encode_command_reply(True, "deregister", "r1", id="rt-1", deregistered=True))
+    assert ok == {"ok": True, "command": "deregister", "request_id": "r1", "id": "rt-1", "deregistered": True}
+    error = decode_command_reply(encode_command_reply(False, None, None, error="unknown command 'x'"))
+    assert error == {"ok": False, "command": None, "error": "unknown command 'x'"}
+    with pytest.raises(ProtocolError):
+        decode_command_reply(b'{"ok": false}')
+    with pytest.raises(ProtocolError):
+        decode_command_reply(b'{"ok": "yes"}')
+
+
+@settings(max_examples=300)
+@given(protocol_like_objects | json_values)
+def test_command_decoder_raises_only_protocol_errors(value: object) -> None:
+    for payload in (json.dumps(value).encode(), json.dumps({"command": "silence", "value": value}).encode()):
+        reason = None
+        try:
+            decode_command(payload)
+        except ProtocolError as error:
+            reason = error.reason
+        assert reason is None or reason in COMMAND_REASONS, reason
+
+
+@settings(max_examples=200)
+@given(
+    target=st.text(alphabet="abz09._:-*?[]", min_size=1, max_size=MAX_TARGET_LENGTH),
+    seconds=st.floats(min_value=MIN_SILENCE, max_value=MAX_SILENCE),
+)
+def test_in_bounds_silences_round_trip(target: str, seconds: float) -> None:
+    assume(any(c in target for c in "*?[") or is_valid_id(target))
+    cmd = Command("silence", None, target=target, seconds=seconds)
+    assert decode_command(encode_command(cmd)) == cmd

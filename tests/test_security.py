@@ -409,6 +409,46 @@ def test_administrator_cannot_read_pulses(broker: SecureBroker, pki: Pki, client
     assert [t for t, _ in admin.wait_for(TOPICS.alerts)] == [TOPICS.alerts]
 
 
+def test_administrator_sends_commands_and_reads_the_answers(
+    broker: SecureBroker, pki: Pki, clients: list[Client]
+) -> None:
+    view = orchestrator_view(clients, broker, pki)
+    admin = connect(clients, broker, pki, ADMIN).subscribe(TOPICS.command_reply("r-1"))
+    admin.publish(TOPICS.command, b'{"command": "silences", "request_id": "r-1"}')
+    assert view.wait_for(TOPICS.command)[-1] == (TOPICS.command, b'{"command": "silences", "request_id": "r-1"}')
+    connect(clients, broker, pki, ORCHESTRATOR).publish(TOPICS.command_reply("r-1"), b'{"ok": true}')
+    assert admin.wait_for(TOPICS.command_reply("r-1")) == [(TOPICS.command_reply("r-1"), b'{"ok": true}')]
+
+
+def test_runtime_cannot_send_commands_nor_read_their_answers(
+    broker: SecureBroker, pki: Pki, clients: list[Client]
+) -> None:
+    view = orchestrator_view(clients, broker, pki)
+    a = connect(clients, broker, pki, "rt-a").subscribe(TOPICS.command_reply("r-2"), TOPICS.reply("rt-a"))
+    a.publish(TOPICS.command, b'{"command": "deregister", "id": "rt-b"}')
+    a.publish(TOPICS.pulse("rt-a"), b"fence")
+    assert [t for t, _ in view.wait_for(TOPICS.pulse("rt-a"))] == [TOPICS.pulse("rt-a")]
+    orchestrator = connect(clients, broker, pki, ORCHESTRATOR)
+    orchestrator.publish(TOPICS.command_reply("r-2"), b'{"ok": true}')
+    orchestrator.publish(TOPICS.reply("rt-a"), b"fence")
+    assert [t for t, _ in a.wait_for(TOPICS.reply("rt-a"))] == [TOPICS.reply("rt-a")]
+
+
+def test_orchestrator_clears_a_deregistered_runtimes_retained_messages(
+    broker: SecureBroker, pki: Pki, clients: list[Client]
+) -> None:
+    a = connect(clients, broker, pki, "rt-a")
+    a.publish(TOPICS.interval("rt-a"), protocol.encode_interval(5.0), retain=True)
+    a.publish(TOPICS.state("rt-a"), protocol.encode_state("online", 1), retain=True)
+    orchestrator = connect(clients, broker, pki, ORCHESTRATOR)
+    orchestrator.publish(TOPICS.interval("rt-a"), b"", retain=True)
+    orchestrator.publish(TOPICS.state("rt-a"), b"", retain=True)
+    fresh = connect(clients, broker, pki, ORCHESTRATOR)
+    fresh.subscribe(TOPICS.interval("rt-a"), TOPICS.state("rt-a"), TOPICS.orchestrator_stats)
+    orchestrator.publish(TOPICS.orchestrator_stats, b"fence")  # retained copies would come first, after SUBACK
+    assert fresh.wait_for(TOPICS.orchestrator_stats) == [(TOPICS.orchestrator_stats, b"fence")]
+
+
 # --- orchestrator and agents end to end ------------------------------------------
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import peewee
 import pytest
 
+from orchestrator.silence import SilenceBook
 from orchestrator.store import FlipRow, Runtime, RuntimeRow, Store
+from orchestrator.store import Silence as StoredSilence
 
 T0 = 1795902116.123456
 """A wall-clock time with microseconds, to check that times survive as doubles."""
@@ -389,3 +391,68 @@ def test_an_old_database_gets_the_outbox_columns_with_history_counted_as_notifie
         assert len(store.history("rt-a")) == 1
     finally:
         store.close()
+
+
+# --- silences ------------------------------------------------------------------------
+
+
+def test_new_store_has_no_silences(store: Store) -> None:
+    assert store.silences() == []
+
+
+def test_saved_silences_come_back_by_pattern_and_load_into_a_silence_book(store: Store) -> None:
+    store.save_silence("rt-1", T0 + 60, "patching")
+    store.save_silence("db-*", T0 + 3600, None)
+
+    assert store.silences() == [("db-*", T0 + 3600, None), ("rt-1", T0 + 60, "patching")]
+    book = SilenceBook.from_rows(store.silences())
+    assert book.is_silenced("db-7", T0)
+    assert book.is_silenced("rt-1", T0)
+    assert not book.is_silenced("rt-1", T0 + 61)
+
+
+def test_a_silence_on_the_same_pattern_replaces_the_earlier_one(store: Store) -> None:
+    store.save_silence("db-*", T0 + 60, "first")
+    store.save_silence("db-*", T0 + 120, "second")
+
+    assert store.silences() == [("db-*", T0 + 120, "second")]
+
+
+def test_delete_silence_removes_exactly_that_pattern(store: Store) -> None:
+    store.save_silence("db-*", T0 + 60, None)
+    store.save_silence("db-1", T0 + 60, None)
+
+    assert store.delete_silence("db-*") is True
+    assert store.delete_silence("db-*") is False
+    assert store.silences() == [("db-1", T0 + 60, None)]
+
+
+def test_prune_silences_deletes_only_the_ended_ones(store: Store) -> None:
+    store.save_silence("a", T0 - 1, None)
+    store.save_silence("b", T0, None)
+    store.save_silence("c", T0 + 1, None)
+
+    assert store.prune_silences(T0) == 2
+    assert store.silences() == [("c", T0 + 1, None)]
+
+
+def test_silences_survive_reopening_and_an_older_database_gets_the_table(db_url: str) -> None:
+    first = Store(db_url)
+    first.open()
+    try:
+        first.db.drop_tables([StoredSilence])  # as made by a version without silences
+        assert not first.db.table_exists("silence")
+    finally:
+        first.close()
+    second = Store(db_url)
+    second.open()
+    try:
+        second.save_silence("rt-1", T0, "kept")
+    finally:
+        second.close()
+    third = Store(db_url)
+    third.open()
+    try:
+        assert third.silences() == [("rt-1", T0, "kept")]
+    finally:
+        third.close()

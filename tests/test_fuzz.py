@@ -507,6 +507,8 @@ FIXED = [
     Msg(("state", "never-registered-1", b'{"state": "offline", "session": 2}')),
     Msg(("interval", "a/b", protocol.encode_interval(1.0))),
     Msg(("pulse", "", b"")),
+    Msg(("interval", "", protocol.encode_interval(1.0))),
+    Msg(("state", "", b'{"state": "stopped"}')),
     Msg(("interval", "nan-1", b'{"interval": NaN}')),
     Msg(("interval", "inf-1", b'{"interval": 5, "grace": Infinity}')),
     Msg(("state", "ünïcode", b"\xff\xfe")),

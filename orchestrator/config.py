@@ -101,6 +101,9 @@ class Config:
     outbox_interval: float = 5.0
     """Seconds between looks for notices owed from before (a crash, another orchestrator's)."""
     max_payload: int = 65_536
+    max_queued_messages: int = 100_000
+    """Control messages (interval requests, states; pulses too on MQTT 3.1.1) waiting to be read; beyond it
+    they are discarded and counted (``dropped.queue_full``), so a flood cannot exhaust memory."""
     max_runtimes: int = 1_000_000
     """Registrations beyond this many runtimes are refused (``too_many_runtimes``)."""
     max_requests_per_minute: int = 30
@@ -165,6 +168,8 @@ class Config:
             raise ConfigError("outbox_lease: between 1 and 3600 seconds")
         if not 0.1 <= self.outbox_interval <= 3600:
             raise ConfigError("outbox_interval: between 0.1 and 3600 seconds")
+        if not 100 <= self.max_queued_messages <= 10_000_000:
+            raise ConfigError("max_queued_messages: between 100 and 10,000,000")
         if not 1 <= self.max_runtimes <= 100_000_000:
             raise ConfigError("max_runtimes: between 1 and 100,000,000")
         if not 1 <= self.max_requests_per_minute <= 100_000:

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -40,6 +41,7 @@ from runtime_agent import protocol
 from runtime_agent.protocol import ProtocolError, Topics
 from runtime_agent.url import parse_broker_url
 
+from . import _paho
 from .broker import EmbeddedBroker, check_bindable
 from .config import Config
 from .conflict import ConflictWatch
@@ -52,6 +54,7 @@ from .silence import Silence, SilenceBook
 from .store import FlipRow, RuntimeRow, Store, redact_url
 
 log = logging.getLogger("orchestrator")
+_paho.apply()  # paho's per-message MQTT 5 property tables, shared (see orchestrator/_paho.py)
 T = TypeVar("T")
 
 _MAX_LOGGED_IDS = 10_000
@@ -150,6 +153,8 @@ class Orchestrator:
         """Set when the link fails its echo; the connection loop then reconnects."""
         self._early_sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.conflicts = ConflictWatch()
+        self._mqtt_log = logging.getLogger("orchestrator.mqtt").getChild(config.client_id)
+        self._mqtt_log.addFilter(_QueueFull(self.stats))
         self._request_counts: dict[str, tuple[float, int]] = {}
         """Runtime -> (start of its current minute, interval requests in it), for the rate limit."""
         self._db_ok = True
@@ -316,6 +321,8 @@ class Orchestrator:
             keepalive=self.config.keepalive,
             tls_params=tls,
             max_inflight_messages=1000,
+            max_queued_incoming_messages=self.config.max_queued_messages,  # a flood must not exhaust memory
+            logger=self._mqtt_log,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # no Nagle delay on echoes and alerts
             timeout=min(10.0, max(2.0, 2 * self.config.echo_timeout)),  # a half-open link must not stall reconnects
         )
@@ -633,6 +640,7 @@ class Orchestrator:
     def _reject(self, reason: str, key: str, what: str | None = None) -> None:
         """Count a rejection; log it once per runtime ID (bounded), not once per message."""
         self.stats[f"rejected.{reason}"] += 1
+        key = key[: protocol.MAX_ID_LENGTH + 1]  # remembered by a bounded prefix: topics may hold 64 kB IDs
         if key in self._logged_ids or len(self._logged_ids) >= _MAX_LOGGED_IDS:
             return
         self._logged_ids.add(key)
@@ -671,7 +679,13 @@ class Orchestrator:
         for req in batch:
             try:
                 protocol.check_id(req.runtime_id)
-                interval = protocol.decode_interval(req.payload, limit=self.config.max_payload)
+                try:
+                    interval = protocol.decode_interval(req.payload, limit=self.config.max_payload)
+                except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+                    if isinstance(exc, ProtocolError):
+                        raise
+                    log.exception("unexpected error decoding an interval request")  # a codec bug: one request lost
+                    raise ProtocolError("malformed", "the request could not be decoded") from exc
             except ProtocolError as exc:
                 self._reject(exc.reason, req.runtime_id, f"interval request: {exc}")
                 if not req.retained:
@@ -1027,6 +1041,7 @@ class Orchestrator:
             "states": {state.value: n for state, n in self.detector.counts.items()},
             "pulses": self.pulses,
             "rejected": {k.removeprefix("rejected."): v for k, v in self.stats.items() if k.startswith("rejected.")},
+            "dropped": {k.removeprefix("dropped."): v for k, v in self.stats.items() if k.startswith("dropped.")},
             "alerts": self.stats["alerts"],
             "registrations": self.stats["registrations"],
             "db_transactions": self.store.transactions,
@@ -1292,6 +1307,27 @@ class Orchestrator:
                 await client.publish(self.topics.command_reply(request_id), payload, qos=1)
         except aiomqtt.MqttError as exc:
             log.warning("could not reply to a command: %s", exc)
+
+
+class _QueueFull(logging.Filter):
+    """aiomqtt warns once per message it discards from a full queue: count them, log every 10 s."""
+
+    def __init__(self, stats: collections.Counter[str]) -> None:
+        super().__init__()
+        self.stats = stats
+        self.logged = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Message queue is full"):
+            return True
+        self.stats["dropped.queue_full"] += 1
+        now = time.monotonic()
+        if now - self.logged < 10.0:
+            return False
+        self.logged = now
+        record.msg = "incoming queue full (max_queued_messages): discarding; %d discarded so far"
+        record.args = (self.stats["dropped.queue_full"],)
+        return True
 
 
 def _resolve(waiters: list[asyncio.Future[set[str]]], lost: set[str]) -> None:

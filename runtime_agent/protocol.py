@@ -64,7 +64,10 @@ def check_seconds(name: str, value: object) -> float:
     """Validate an interval or grace: a finite number within the documented bounds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError("bad_type", f"{name} must be a number of seconds, got {type(value).__name__}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond any float
+        seconds = math.inf
     if not math.isfinite(seconds) or not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
         raise ProtocolError(
             "out_of_range",
@@ -443,7 +446,10 @@ def check_silence_seconds(value: object) -> float:
     """How long a silence lasts: a finite number of seconds from 1 to 366 days."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError("bad_type", f"'for' must be a number of seconds, got {type(value).__name__}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond any float
+        seconds = math.inf
     if not math.isfinite(seconds) or not MIN_SILENCE <= seconds <= MAX_SILENCE:
         raise ProtocolError(
             "out_of_range",

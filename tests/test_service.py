@@ -9,6 +9,7 @@ that refuses connections: its workers run, it never connects.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -302,3 +303,14 @@ def test_interval_requests_beyond_the_rate_per_id_are_refused(sqlite_url: str) -
     register_all(orchestrator, [("rt-chatty", protocol.encode_interval(1.0 + i)) for i in range(6)])
     assert orchestrator.detector.view("rt-chatty").interval == 4.0
     assert rejections(orchestrator) == {"rejected.rate_limited": 2}
+
+
+def test_messages_discarded_from_a_full_queue_are_counted_and_logged_at_most_every_10_s(
+    orchestrator: Orchestrator, caplog: pytest.LogCaptureFixture
+) -> None:
+    mqtt_log = logging.getLogger("orchestrator.mqtt").getChild(orchestrator.config.client_id)
+    with caplog.at_level(logging.WARNING, logger=mqtt_log.name):
+        for _ in range(500):
+            mqtt_log.warning("Message queue is full. Discarding message.")
+    assert orchestrator.counters()["dropped"] == {"queue_full": 500}
+    assert len([r for r in caplog.records if "incoming queue full" in r.getMessage()]) == 1

@@ -382,7 +382,11 @@ class Deployment:
         return agent
 
     def runtime(self, runtime_id: str, **kw: Any) -> Runtime:
-        rt = Runtime(self.port, runtime_id, **kw)
+        return self.runtime_via(self.port, runtime_id, **kw)
+
+    def runtime_via(self, port: int, runtime_id: str, **kw: Any) -> Runtime:
+        """A raw runtime connected to ``port`` (a proxy in front of the broker, say)."""
+        rt = Runtime(port, runtime_id, **kw)
         self.runtimes.append(rt)
         return rt
 

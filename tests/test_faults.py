@@ -143,3 +143,34 @@ def test_two_agents_with_one_id_raise_one_conflict_and_no_flapping(deployment: D
     assert deployment.observer.alerts("rt-twin", event="dead", after=killed) == []
     second.signal(signal.SIGKILL)  # now nobody pulses: dead by the deadline, wills ignored or not
     deployment.observer.wait_alert("rt-twin", "dead", 3 * (INTERVAL + INTERVAL) + 2, after=killed)
+
+
+def test_a_runtime_behind_a_half_open_link_is_dead_by_its_deadline_not_its_keepalive(
+    mosquitto_deployment: Deployment, measure: Callable[[str, float, str], None]
+) -> None:
+    """The runtime's own link goes silent: the broker would notice only after 1.5 x keepalive (45 s here).
+
+    The deadline does not wait for that: dead within interval + grace of the last pulse that got through.
+    """
+    d = mosquitto_deployment
+    proxy = BlackholeProxy(d.port)
+    try:
+        rt = d.runtime_via(proxy.port, "rt-half-open", will_session=1)
+        rt.state("online", 1)
+        rt.register(INTERVAL)
+        d.observer.wait_status("rt-half-open", "alive", 5)
+        for _ in range(3):
+            rt.pulse()
+            time.sleep(INTERVAL / 2)
+        last = d.observer.wait_for(lambda m: m.topic.endswith("/rt-half-open/pulse"), 5, after=time.monotonic() - 1)
+        proxy.blackhole()
+        for _ in range(6):  # it keeps pulsing into the void
+            rt.pulse()
+            time.sleep(INTERVAL / 2)
+        alert = d.observer.wait_alert("rt-half-open", "dead", 10, after=last.at)
+        lateness = alert.at - (last.at + INTERVAL + INTERVAL)
+        measure("half-open runtime: dead after its deadline by", lateness, "s")
+        assert lateness < 0.5
+        assert "no pulse for" in alert.json()["reason"]
+    finally:
+        proxy.close()

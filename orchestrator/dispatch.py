@@ -494,7 +494,8 @@ class Dispatcher:
                 # Capped: the clock is wall time, which may jump.
                 timeout = 30.0 if deadline is None else min(30.0, max(0.0, deadline - self.clock()))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel on 3.11
+                        await self._wake.wait()
         finally:
             await self._stop_lanes()
 
@@ -524,7 +525,8 @@ class Dispatcher:
             if self.backlog():
                 self._idle.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), drain)
+                    async with asyncio.timeout(drain):
+                        await self._idle.wait()
         self._closed = True
         self._wake.set()
         await self._stop_lanes()
@@ -555,7 +557,8 @@ class Dispatcher:
         attempts = self.retry.attempts
         for attempt in range(1, attempts + 1):
             try:
-                await asyncio.wait_for(route.channel.notify(notice), self.retry.attempt_timeout)
+                async with asyncio.timeout(self.retry.attempt_timeout):
+                    await route.channel.notify(notice)
             except NotifyError as exc:
                 error = exc
             except TimeoutError:

@@ -290,7 +290,8 @@ class Orchestrator:
                             continue
                     log.warning("cannot reach the broker %s (%s); retrying in %.1f s", self.shown_broker, exc, backoff)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(stopper), backoff)
+                        async with asyncio.timeout(backoff):
+                            await asyncio.shield(stopper)
                     backoff = min(backoff * 2, self.config.reconnect_max)
         finally:
             stopper.cancel()
@@ -621,7 +622,8 @@ class Orchestrator:
         sent = time.monotonic()
         try:
             await client.publish(self._echo_topic, token, qos=0)
-            await asyncio.wait_for(waiter, self.config.echo_timeout)
+            async with asyncio.timeout(self.config.echo_timeout):
+                await waiter
         except (TimeoutError, aiomqtt.MqttError):
             return None
         finally:
@@ -812,7 +814,8 @@ class Orchestrator:
             deadline = self.detector.next_deadline()
             delay = None if deadline is None else max(0.0, deadline - time.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._rearm.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._rearm.wait()
             self._rearm.clear()
             now = time.monotonic()
             if self.detector.suspended:
@@ -888,7 +891,10 @@ class Orchestrator:
         # Known down: do not make every batch wait db_timeout in turn behind the one before.
         wait = self.config.db_timeout if self._db_ok else 0.0
         try:
-            lost = await asyncio.wait_for(asyncio.shield(committed), wait)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow our own cancellation
+            # when the write completes at that moment, and the publisher then never stops.
+            async with asyncio.timeout(wait):
+                lost = await asyncio.shield(committed)
         except TimeoutError:
             log.warning("database slow: publishing %d transitions before it confirms them", len(batch))
         self._status_due.update(t.runtime_id for t in batch)

@@ -179,7 +179,8 @@ class WebServer:
         """Send what changed, coalesced per runtime, at most once per ``batch_interval``; counts always."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.keepalive)
+                async with asyncio.timeout(self.keepalive):
+                    await self._wake.wait()
             self._wake.clear()
             changed, self._pending = list(self._pending), {}
             if not self._clients:

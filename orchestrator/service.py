@@ -44,7 +44,7 @@ from .broker import EmbeddedBroker, check_bindable
 from .config import Config
 from .detector import Detector, NotRegistered, State, Transition
 from .dispatch import Dispatcher, Route, build_routes, retry_policy, storm_policy
-from .ingest import PulseReader, PulseReaderError
+from .ingest import Message, PulseReader, PulseReaderError
 from .metrics import LatencyHistogram
 from .notify import MqttNotifier, Notice, NotifyError
 from .store import FlipRow, RuntimeRow, Store, redact_url
@@ -122,6 +122,8 @@ class Orchestrator:
         """Pulses accepted (a plain int: it is bumped on the hot path)."""
         self._pulse_reader: PulseReader | None = None
         self._refresh: collections.deque[str] = collections.deque()
+        self._refresh_queued: set[str] = set()
+        """The IDs in ``_refresh``, so a runtime waits there once however often it changes."""
         self._refresh_wake = asyncio.Event()
         self._echo_topic = self.topics.echo(config.client_id)
         self._echo_seq = 0
@@ -328,6 +330,7 @@ class Orchestrator:
         """With every link up: judge and consume until a link drops (raises) or ``stop`` (True)."""
         self.detector.resume(time.monotonic())
         self._refresh = collections.deque(self.detector.ids())  # the broker may have lost retained statuses
+        self._refresh_queued = set(self._refresh)
         self._refresh_wake.set()
         self._rearm.set()
         self._outbox_wake.set()
@@ -766,7 +769,7 @@ class Orchestrator:
                 continue  # re-woken on connect
             try:
                 await self._publish_due(client)
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, PulseReaderError) as exc:
                 log.warning("publishing paused, broker connection lost: %s", exc)
 
     async def _commit_outbox(self) -> None:
@@ -788,7 +791,15 @@ class Orchestrator:
             lost = await asyncio.wait_for(asyncio.shield(committed), wait)
         except TimeoutError:
             log.warning("database slow: publishing %d transitions before it confirms them", len(batch))
-        self._status_due.update(t.runtime_id for t in batch)
+        # A change that raises an alert is published with it; the rest (unknown -> alive after a
+        # start, alive -> unknown on a lost link) waits in the refresher's paced queue: 100,000
+        # statuses at once would hold up the pulses for as long as they take.
+        urgent = self._status_due
+        for t in batch:
+            if t.event is not None:
+                urgent.add(t.runtime_id)
+            else:
+                self._refresh_later(t.runtime_id)
         self._queue_alerts([f for f in flips if f.event is not None and f.runtime_id not in lost])
         if lost:
             self.stats["conflicts.recorded_elsewhere"] += len(lost)
@@ -797,6 +808,10 @@ class Orchestrator:
         """Publish the statuses and alerts that are due, in order; mark the alerts notified."""
         due, self._status_due = self._status_due, set()
         alerts, self._unsent_alerts = self._unsent_alerts, []
+        reader = self._pulse_reader
+        if reader is not None:
+            await self._publish_lean(reader, due, alerts)
+            return
         publishes = [self._publish_status(client, rid) for rid in due]
         publishes += [self._publish_alert(client, f) for f in alerts]
         try:
@@ -813,6 +828,26 @@ class Orchestrator:
         self.stats["alerts"] += len(alerts)
         for f in alerts:
             self._confirm(f.key)
+
+    async def _publish_lean(self, reader: PulseReader, due: set[str], alerts: list[FlipRow]) -> None:
+        """Alerts, then statuses, on the lean connection; each counts as sent once the broker PUBACKed it."""
+        try:
+            if alerts:
+                await reader.publish(self._alert_message(f) for f in alerts)
+        except BaseException:
+            # Not sent (already committed): keep it for the next connection, ahead of anything newer.
+            self._unsent_alerts = alerts + self._unsent_alerts
+            self._status_due |= due
+            raise
+        self.stats["alerts"] += len(alerts)
+        for f in alerts:
+            self._confirm(f.key)
+        try:
+            if due:
+                await reader.publish(self._status_message(rid) for rid in due)
+        except BaseException:
+            self._status_due |= due
+            raise
 
     def _queue_alerts(self, flips: list[FlipRow]) -> None:
         """Send these flips' notices: on the alert topic (with the statuses) and through the dispatcher."""
@@ -879,18 +914,37 @@ class Orchestrator:
                 self._refresh_wake.clear()
                 continue
             batch = [self._refresh.popleft() for _ in range(min(batch_size, len(self._refresh)))]
+            if self._refresh:
+                self._refresh_queued.difference_update(batch)
+            else:
+                self._refresh_queued = set()  # a set never shrinks: drop the one that held them all
+            reader = self._pulse_reader
             try:
-                await asyncio.gather(*(self._publish_status(client, rid) for rid in batch))
-            except aiomqtt.MqttError:
-                self._refresh.extendleft(reversed(batch))
+                if reader is not None:
+                    await reader.publish(self._status_message(rid) for rid in batch)
+                else:
+                    await asyncio.gather(*(self._publish_status(client, rid) for rid in batch))
+            except (aiomqtt.MqttError, PulseReaderError):
+                for rid in reversed(batch):
+                    if rid not in self._refresh_queued:
+                        self._refresh_queued.add(rid)
+                        self._refresh.appendleft(rid)
                 self._refresh_wake.clear()  # woken again on the next connect
                 continue
             await asyncio.sleep(pause)
 
-    def _publish_status(self, client: aiomqtt.Client, runtime_id: str) -> Awaitable[None]:
+    def _refresh_later(self, runtime_id: str) -> None:
+        """Queue a runtime's status for the refresher (paced), unless it is queued already."""
+        if runtime_id not in self._refresh_queued:
+            self._refresh_queued.add(runtime_id)
+            self._refresh.append(runtime_id)
+            self._refresh_wake.set()
+
+    def _status_message(self, runtime_id: str) -> Message:
+        """The retained status of a runtime as it is now (an empty payload clears a deregistered one's)."""
         topic = self.topics.status(runtime_id)
         if runtime_id not in self.detector:
-            return client.publish(topic, b"", qos=1, retain=True)  # clears the retained status
+            return topic, b"", True
         view = self.detector.view(runtime_id)
         payload = protocol.encode_status(
             runtime_id,
@@ -901,12 +955,20 @@ class Orchestrator:
             since=self.clock.wall(view.since),
             reason=view.reason,
         )
-        return client.publish(topic, payload, qos=1, retain=True)
+        return topic, payload, True
 
-    def _publish_alert(self, client: aiomqtt.Client, f: FlipRow) -> Awaitable[None]:
+    def _alert_message(self, f: FlipRow) -> Message:
         assert f.event is not None
         payload = protocol.encode_alert(f.event, f.runtime_id, at=f.at, last_seen=f.last_seen, reason=f.reason)
-        return client.publish(self.topics.alerts, payload, qos=1)
+        return self.topics.alerts, payload, False
+
+    def _publish_status(self, client: aiomqtt.Client, runtime_id: str) -> Awaitable[None]:
+        topic, payload, retain = self._status_message(runtime_id)
+        return client.publish(topic, payload, qos=1, retain=retain)
+
+    def _publish_alert(self, client: aiomqtt.Client, f: FlipRow) -> Awaitable[None]:
+        topic, payload, retain = self._alert_message(f)
+        return client.publish(topic, payload, qos=1, retain=retain)
 
     # --- writer: the database thread's queue --------------------------------
 

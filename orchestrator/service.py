@@ -186,6 +186,7 @@ class Orchestrator:
             )
         log.info("loaded %d runtimes from %s", len(rows), redact_url(self.config.db))
         self._check_downtime(await self._db(self.store.alive_at), rows)
+        del rows  # 100,000 rows would otherwise live as long as this frame (about 170 B each)
         async with contextlib.AsyncExitStack() as stack:
             if self.config.broker is None:
                 host, port = self.config.listen_address

@@ -1005,6 +1005,7 @@ class Orchestrator:
             "registrations": self.stats["registrations"],
             "db_transactions": self.store.transactions,
             "pending_writes": len(self._pending_flips),
+            "refresh_pending": len(self._refresh),
             "uptime_s": round(time.monotonic() - self.clock.mono0, 3),
         }
 

@@ -16,7 +16,7 @@ from orchestrator.broker import free_port, wait_for_port
 
 from ..consumers import OrchestratorCounter, PahoSubscriber
 from ..context import Context
-from ..harness import Result, _stop, bench, env, wait_idle
+from ..harness import Result, _stop, bench, env, wait_settled
 from ..load import LoadProcess
 from ..search import search
 
@@ -55,7 +55,7 @@ def run(ctx: Context) -> Result:
         with LoadProcess(port, n) as load:
             load.run(rate=min(20_000, 2 * n), count=n)
             observer.wait(lambda o: o.stats.get("pulses", 0) >= n, 120)
-            wait_idle(orch.pid)
+            wait_settled(orch.pid, observer)
 
             def check() -> str:
                 dead = observer.stats.get("states", {}).get("dead", 0)

@@ -21,12 +21,13 @@ from ..load import LoadProcess
 from ..search import search
 
 LADDER = [2_000, 4_000, 8_000, 12_000, 16_000, 24_000, 32_000, 48_000, 64_000]
+QUICK_LADDER = [4_000, 12_000]
 
 
 def run(ctx: Context) -> Result:
     result = Result("embedded")
     n = 10_000 if ctx.quick else 100_000
-    window = 5.0 if ctx.quick else 30.0
+    window = 1.5 if ctx.quick else 30.0
     with bench("embedded") as b:
         port = free_port()
         broker = subprocess.Popen(
@@ -40,7 +41,9 @@ def run(ctx: Context) -> Result:
             paho = PahoSubscriber(port)
             try:
                 with LoadProcess(port, n) as load:
-                    baseline = search(load, paho, quick=ctx.quick, window=window, ladder=LADDER)
+                    baseline = search(
+                        load, paho, quick=ctx.quick, window=window, ladder=QUICK_LADDER if ctx.quick else LADDER
+                    )
             finally:
                 paho.close()
         finally:
@@ -68,7 +71,7 @@ def run(ctx: Context) -> Result:
                 window=window,
                 quiet=1.2,
                 check=check,
-                ladder=LADDER,
+                ladder=QUICK_LADDER if ctx.quick else LADDER,
             )
         ctx.say(f"orchestrator on amqtt: {found.best:,}/s ({found.summary()})")
     ratio = found.best / baseline.best if baseline.best else 0.0

@@ -40,7 +40,7 @@ def orchestrator_search(ctx: Context, b: Bench, load: LoadProcess, n: int, windo
 def run(ctx: Context) -> Result:
     result = Result("ingest")
     n = 10_000 if ctx.quick else 100_000
-    window = 5.0 if ctx.quick else 30.0
+    window = 1.5 if ctx.quick else 30.0
     with bench("ingest") as b, LoadProcess(b.port, n) as load:
         paho = PahoSubscriber(b.port)
         try:

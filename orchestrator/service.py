@@ -54,6 +54,8 @@ T = TypeVar("T")
 
 _MAX_LOGGED_IDS = 10_000
 _REQUEST_BATCH = 1_000
+_WRITE_BATCH = 5_000
+"""Flips per transaction at most (those raising alerts are never split: they go first)."""
 _WILL_GATHER = 0.05
 """Seconds the watcher waits after a will for the rest of its burst, before proving the link."""
 
@@ -788,10 +790,11 @@ class Orchestrator:
         lost: set[str] = set()
         # Known down: do not make every batch wait db_timeout in turn behind the one before.
         wait = self.config.db_timeout if self._db_ok else 0.0
-        try:
-            lost = await asyncio.wait_for(asyncio.shield(committed), wait)
-        except TimeoutError:
-            log.warning("database slow: publishing %d transitions before it confirms them", len(batch))
+        if any(f.event is not None for f in flips):  # else nothing to alert: no need to wait for the verdict
+            try:
+                lost = await asyncio.wait_for(asyncio.shield(committed), wait)
+            except TimeoutError:
+                log.warning("database slow: publishing %d transitions before it confirms them", len(batch))
         # A change that raises an alert is published with it; the rest (unknown -> alive after a
         # start, alive -> unknown on a lost link) waits in the refresher's paced queue: 100,000
         # statuses at once would hold up the pulses for as long as they take.
@@ -1037,9 +1040,21 @@ class Orchestrator:
                 backoff = min(backoff * 2, 10.0)
                 self._writer_wake.set()
 
-    async def _write_once(self) -> bool:
-        """One transaction: every pending flip, notified marks, and the last-seen batch when due."""
+    async def _write_once(self, limit: int | None = _WRITE_BATCH) -> bool:
+        """One transaction: pending flips (at most ``limit``), notified marks, and the last-seen batch when due.
+
+        Flips that raise an alert go first, whole runtimes at a time: the
+        unknown -> alive wave after a start (100,000 flips, seconds of work)
+        must not hold a verdict's alert behind it for ``db_timeout``.
+        """
         flips, self._pending_flips = self._pending_flips, []
+        if limit is not None and len(flips) > limit:
+            urgent = {f.runtime_id for f in flips if f.event is not None}
+            first = [f for f in flips if f.runtime_id in urgent]
+            rest = [f for f in flips if f.runtime_id not in urgent]
+            room = max(0, limit - len(first))
+            flips, self._pending_flips = first + rest[:room], rest[room:]
+            self._writer_wake.set()  # the rest in the next transaction
         waiters, self._flip_waiters = self._flip_waiters, []
         marks, self._notified_keys = self._notified_keys, set()
         seen: dict[str, float] = {}
@@ -1084,7 +1099,7 @@ class Orchestrator:
         self._flush_seen = True
         try:
             async with asyncio.timeout(10):
-                while not await self._write_once():  # noqa: ASYNC110 - retrying a failed write, not polling
+                while not await self._write_once(limit=None):  # noqa: ASYNC110 - retrying a failed write, not polling
                     await asyncio.sleep(0.5)
         except TimeoutError:
             log.error("database unavailable at shutdown: %d transitions not stored", len(self._pending_flips))

@@ -54,7 +54,7 @@ T = TypeVar("T")
 
 _MAX_LOGGED_IDS = 10_000
 _REQUEST_BATCH = 1_000
-_WRITE_BATCH = 5_000
+_WRITE_BATCH = 1_000
 """Flips per transaction at most (those raising alerts are never split: they go first)."""
 _WILL_GATHER = 0.05
 """Seconds the watcher waits after a will for the rest of its burst, before proving the link."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ class State(enum.Enum):
 
 
 ALIVE, DEAD, STOPPED, UNKNOWN = State.ALIVE, State.DEAD, State.STOPPED, State.UNKNOWN
+_SHARED_VALUES = 4096
+"""Distinct intervals and graces whose float objects :meth:`Detector.restore` shares."""
 _WATCHED = (ALIVE, UNKNOWN)
 """States with a deadline: the two in which silence means death."""
 
@@ -96,6 +99,7 @@ class Detector:
         self._watch_from = now
         self._suspended = False
         self._seen: dict[str, float] = {}
+        self._values: dict[float, float] = {}
         self.counts: dict[State, int] = dict.fromkeys(State, 0)
         """How many runtimes are in each state, kept as they change (never counted by a scan)."""
         self.heap_pops = 0
@@ -182,10 +186,12 @@ class Detector:
         previous = self._runtimes.get(runtime_id)
         if previous is not None:
             self.counts[previous.state] -= 1
+        # Rows from the database bring their own copy of every value: share the common ones.
+        interval, grace = self._shared(interval), self._shared(grace)
         rt = self._runtimes[runtime_id] = _Runtime(interval, grace, state, since)
         self.counts[state] += 1
         rt.last_seen = last_seen
-        rt.reason = reason
+        rt.reason = None if reason is None else sys.intern(reason)
         if state in _WATCHED:
             self._arm(runtime_id, rt)
 
@@ -337,6 +343,15 @@ class Detector:
                 self._seen.setdefault(runtime_id, last_seen)
 
     # --- internals -----------------------------------------------------------
+
+    def _shared(self, value: float) -> float:
+        """One float object per distinct interval or grace (a bounded cache), not one per runtime."""
+        shared = self._values.get(value)
+        if shared is not None:
+            return shared
+        if len(self._values) < _SHARED_VALUES:
+            self._values[value] = value
+        return value
 
     def _get(self, runtime_id: str) -> _Runtime:
         rt = self._runtimes.get(runtime_id)

@@ -259,10 +259,8 @@ class AppriseNotifier:
 
         notify_type = apprise.NotifyType(_APPRISE_TYPES.get(notice.event, "info"))
         try:
-            ok = await asyncio.wait_for(
-                self._apprise.async_notify(body=notice.body(), title=notice.title(), notify_type=notify_type),
-                self.timeout,
-            )
+            async with asyncio.timeout(self.timeout):  # not wait_for: on 3.11 it can swallow a cancel
+                ok = await self._apprise.async_notify(body=notice.body(), title=notice.title(), notify_type=notify_type)
         except TimeoutError:
             raise NotifyError(f"{self.name}: no answer within {self.timeout:g} s", retryable=True) from None
         if not ok:
@@ -317,7 +315,8 @@ class ShellNotifier:
         except OSError as exc:
             raise NotifyError(f"{self.name}: cannot start: {exc.strerror}", retryable=False) from None
         try:
-            _, stderr = await asyncio.wait_for(process.communicate(notice.encode()), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                _, stderr = await process.communicate(notice.encode())
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)

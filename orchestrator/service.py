@@ -47,7 +47,7 @@ from .config import Config
 from .conflict import ConflictWatch
 from .detector import Detector, NotRegistered, State, Transition
 from .dispatch import Dispatcher, Route, build_routes, retry_policy, storm_policy
-from .ingest import PulseReader, PulseReaderError
+from .ingest import Message, PulseReader, PulseReaderError
 from .metrics import LatencyHistogram
 from .notify import MqttNotifier, Notice, NotifyError
 from .silence import Silence, SilenceBook
@@ -61,6 +61,8 @@ _MAX_LOGGED_IDS = 10_000
 _REQUEST_BATCH = 1_000
 _CONFLICT_WINDOWS = 10
 """Signs of a shared ID count within this many intervals (+ grace); a conflict lasts as long."""
+_WRITE_BATCH = 1_000
+"""Flips per transaction at most (those raising alerts are never split: they go first)."""
 _WILL_GATHER = 0.05
 """Seconds the watcher waits after a will for the rest of its burst, before proving the link."""
 _COMMAND_QUEUE = 1_000
@@ -145,6 +147,8 @@ class Orchestrator:
         """Pulses accepted (a plain int: it is bumped on the hot path)."""
         self._pulse_reader: PulseReader | None = None
         self._refresh: collections.deque[str] = collections.deque()
+        self._refresh_queued: set[str] = set()
+        """The IDs in ``_refresh``, so a runtime waits there once however often it changes."""
         self._refresh_wake = asyncio.Event()
         self._echo_topic = self.topics.echo(config.client_id)
         self._echo_seq = 0
@@ -217,6 +221,7 @@ class Orchestrator:
         log.info("loaded %d runtimes from %s", len(rows), redact_url(self.config.db))
         self._check_downtime(await self._db(self.store.alive_at), rows)
         await self._load_silences()
+        del rows  # 100,000 rows would otherwise live as long as this frame (about 170 B each)
         async with contextlib.AsyncExitStack() as stack:
             if self.config.broker is None:
                 host, port = self.config.listen_address
@@ -365,6 +370,7 @@ class Orchestrator:
         """With every link up: judge and consume until a link drops (raises) or ``stop`` (True)."""
         self.detector.resume(time.monotonic())
         self._refresh = collections.deque(self.detector.ids())  # the broker may have lost retained statuses
+        self._refresh_queued = set(self._refresh)
         self._refresh_wake.set()
         self._rearm.set()
         self._outbox_wake.set()
@@ -872,7 +878,7 @@ class Orchestrator:
                 continue  # re-woken on connect
             try:
                 await self._publish_due(client)
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, PulseReaderError) as exc:
                 log.warning("publishing paused, broker connection lost: %s", exc)
 
     async def _commit_outbox(self) -> None:
@@ -890,14 +896,23 @@ class Orchestrator:
         lost: set[str] = set()
         # Known down: do not make every batch wait db_timeout in turn behind the one before.
         wait = self.config.db_timeout if self._db_ok else 0.0
-        try:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow our own cancellation
-            # when the write completes at that moment, and the publisher then never stops.
-            async with asyncio.timeout(wait):
-                lost = await asyncio.shield(committed)
-        except TimeoutError:
-            log.warning("database slow: publishing %d transitions before it confirms them", len(batch))
-        self._status_due.update(t.runtime_id for t in batch)
+        if any(f.event is not None for f in flips):  # else nothing to alert: no need to wait for the verdict
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow our own cancellation
+                # when the write completes at that moment, and the publisher then never stops.
+                async with asyncio.timeout(wait):
+                    lost = await asyncio.shield(committed)
+            except TimeoutError:
+                log.warning("database slow: publishing %d transitions before it confirms them", len(batch))
+        # A change that raises an alert is published with it; the rest (unknown -> alive after a
+        # start, alive -> unknown on a lost link) waits in the refresher's paced queue: 100,000
+        # statuses at once would hold up the pulses for as long as they take.
+        urgent = self._status_due
+        for t in batch:
+            if t.event is not None:
+                urgent.add(t.runtime_id)
+            else:
+                self._refresh_later(t.runtime_id)
         self._queue_alerts([f for f in flips if f.event is not None and f.runtime_id not in lost])
         if lost:
             self.stats["conflicts.recorded_elsewhere"] += len(lost)
@@ -906,6 +921,10 @@ class Orchestrator:
         """Publish the statuses and alerts that are due, in order; mark the alerts notified."""
         due, self._status_due = self._status_due, set()
         alerts, self._unsent_alerts = self._unsent_alerts, []
+        reader = self._pulse_reader
+        if reader is not None:
+            await self._publish_lean(reader, due, alerts)
+            return
         publishes = [self._publish_status(client, rid) for rid in due]
         publishes += [self._publish_alert(client, f) for f in alerts]
         try:
@@ -922,6 +941,26 @@ class Orchestrator:
         self.stats["alerts"] += len(alerts)
         for f in alerts:
             self._confirm(f.key)
+
+    async def _publish_lean(self, reader: PulseReader, due: set[str], alerts: list[FlipRow]) -> None:
+        """Alerts, then statuses, on the lean connection; each counts as sent once the broker PUBACKed it."""
+        try:
+            if alerts:
+                await reader.publish(self._alert_message(f) for f in alerts)
+        except BaseException:
+            # Not sent (already committed): keep it for the next connection, ahead of anything newer.
+            self._unsent_alerts = alerts + self._unsent_alerts
+            self._status_due |= due
+            raise
+        self.stats["alerts"] += len(alerts)
+        for f in alerts:
+            self._confirm(f.key)
+        try:
+            if due:
+                await reader.publish(self._status_message(rid) for rid in due)
+        except BaseException:
+            self._status_due |= due
+            raise
 
     def _queue_alerts(self, flips: list[FlipRow]) -> None:
         """Send these flips' notices: on the alert topic (with the statuses) and through the dispatcher."""
@@ -988,18 +1027,37 @@ class Orchestrator:
                 self._refresh_wake.clear()
                 continue
             batch = [self._refresh.popleft() for _ in range(min(batch_size, len(self._refresh)))]
+            if self._refresh:
+                self._refresh_queued.difference_update(batch)
+            else:
+                self._refresh_queued = set()  # a set never shrinks: drop the one that held them all
+            reader = self._pulse_reader
             try:
-                await asyncio.gather(*(self._publish_status(client, rid) for rid in batch))
-            except aiomqtt.MqttError:
-                self._refresh.extendleft(reversed(batch))
+                if reader is not None:
+                    await reader.publish(self._status_message(rid) for rid in batch)
+                else:
+                    await asyncio.gather(*(self._publish_status(client, rid) for rid in batch))
+            except (aiomqtt.MqttError, PulseReaderError):
+                for rid in reversed(batch):
+                    if rid not in self._refresh_queued:
+                        self._refresh_queued.add(rid)
+                        self._refresh.appendleft(rid)
                 self._refresh_wake.clear()  # woken again on the next connect
                 continue
             await asyncio.sleep(pause)
 
-    def _publish_status(self, client: aiomqtt.Client, runtime_id: str) -> Awaitable[None]:
+    def _refresh_later(self, runtime_id: str) -> None:
+        """Queue a runtime's status for the refresher (paced), unless it is queued already."""
+        if runtime_id not in self._refresh_queued:
+            self._refresh_queued.add(runtime_id)
+            self._refresh.append(runtime_id)
+            self._refresh_wake.set()
+
+    def _status_message(self, runtime_id: str) -> Message:
+        """The retained status of a runtime as it is now (an empty payload clears a deregistered one's)."""
         topic = self.topics.status(runtime_id)
         if runtime_id not in self.detector:
-            return client.publish(topic, b"", qos=1, retain=True)  # clears the retained status
+            return topic, b"", True
         view = self.detector.view(runtime_id)
         payload = protocol.encode_status(
             runtime_id,
@@ -1010,12 +1068,20 @@ class Orchestrator:
             since=self.clock.wall(view.since),
             reason=view.reason,
         )
-        return client.publish(topic, payload, qos=1, retain=True)
+        return topic, payload, True
 
-    def _publish_alert(self, client: aiomqtt.Client, f: FlipRow) -> Awaitable[None]:
+    def _alert_message(self, f: FlipRow) -> Message:
         assert f.event is not None
         payload = protocol.encode_alert(f.event, f.runtime_id, at=f.at, last_seen=f.last_seen, reason=f.reason)
-        return client.publish(self.topics.alerts, payload, qos=1)
+        return self.topics.alerts, payload, False
+
+    def _publish_status(self, client: aiomqtt.Client, runtime_id: str) -> Awaitable[None]:
+        topic, payload, retain = self._status_message(runtime_id)
+        return client.publish(topic, payload, qos=1, retain=retain)
+
+    def _publish_alert(self, client: aiomqtt.Client, f: FlipRow) -> Awaitable[None]:
+        topic, payload, retain = self._alert_message(f)
+        return client.publish(topic, payload, qos=1, retain=retain)
 
     # --- writer: the database thread's queue --------------------------------
 
@@ -1052,6 +1118,7 @@ class Orchestrator:
             "registrations": self.stats["registrations"],
             "db_transactions": self.store.transactions,
             "pending_writes": len(self._pending_flips),
+            "refresh_pending": len(self._refresh),
             "uptime_s": round(time.monotonic() - self.clock.mono0, 3),
         }
 
@@ -1083,9 +1150,21 @@ class Orchestrator:
                 backoff = min(backoff * 2, 10.0)
                 self._writer_wake.set()
 
-    async def _write_once(self) -> bool:
-        """One transaction: every pending flip, notified marks, and the last-seen batch when due."""
+    async def _write_once(self, limit: int | None = _WRITE_BATCH) -> bool:
+        """One transaction: pending flips (at most ``limit``), notified marks, and the last-seen batch when due.
+
+        Flips that raise an alert go first, whole runtimes at a time: the
+        unknown -> alive wave after a start (100,000 flips, seconds of work)
+        must not hold a verdict's alert behind it for ``db_timeout``.
+        """
         flips, self._pending_flips = self._pending_flips, []
+        if limit is not None and len(flips) > limit:
+            urgent = {f.runtime_id for f in flips if f.event is not None}
+            first = [f for f in flips if f.runtime_id in urgent]
+            rest = [f for f in flips if f.runtime_id not in urgent]
+            room = max(0, limit - len(first))
+            flips, self._pending_flips = first + rest[:room], rest[room:]
+            self._writer_wake.set()  # the rest in the next transaction
         waiters, self._flip_waiters = self._flip_waiters, []
         marks, self._notified_keys = self._notified_keys, set()
         seen: dict[str, float] = {}
@@ -1130,7 +1209,7 @@ class Orchestrator:
         self._flush_seen = True
         try:
             async with asyncio.timeout(10):
-                while not await self._write_once():  # noqa: ASYNC110 - retrying a failed write, not polling
+                while not await self._write_once(limit=None):  # noqa: ASYNC110 - retrying a failed write, not polling
                     await asyncio.sleep(0.5)
         except TimeoutError:
             log.error("database unavailable at shutdown: %d transitions not stored", len(self._pending_flips))

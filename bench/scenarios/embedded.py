@@ -16,17 +16,18 @@ from orchestrator.broker import free_port, wait_for_port
 
 from ..consumers import OrchestratorCounter, PahoSubscriber
 from ..context import Context
-from ..harness import Result, _stop, bench, env, wait_idle
+from ..harness import Result, _stop, bench, env, wait_settled
 from ..load import LoadProcess
 from ..search import search
 
 LADDER = [2_000, 4_000, 8_000, 12_000, 16_000, 24_000, 32_000, 48_000, 64_000]
+QUICK_LADDER = [4_000, 12_000]
 
 
 def run(ctx: Context) -> Result:
     result = Result("embedded")
     n = 10_000 if ctx.quick else 100_000
-    window = 5.0 if ctx.quick else 30.0
+    window = 1.5 if ctx.quick else 30.0
     with bench("embedded") as b:
         port = free_port()
         broker = subprocess.Popen(
@@ -40,7 +41,9 @@ def run(ctx: Context) -> Result:
             paho = PahoSubscriber(port)
             try:
                 with LoadProcess(port, n) as load:
-                    baseline = search(load, paho, quick=ctx.quick, window=window, ladder=LADDER)
+                    baseline = search(
+                        load, paho, quick=ctx.quick, window=window, ladder=QUICK_LADDER if ctx.quick else LADDER
+                    )
             finally:
                 paho.close()
         finally:
@@ -55,7 +58,7 @@ def run(ctx: Context) -> Result:
         with LoadProcess(port, n) as load:
             load.run(rate=min(20_000, 2 * n), count=n)
             observer.wait(lambda o: o.stats.get("pulses", 0) >= n, 120)
-            wait_idle(orch.pid)
+            wait_settled(orch.pid, observer)
 
             def check() -> str:
                 dead = observer.stats.get("states", {}).get("dead", 0)
@@ -68,7 +71,7 @@ def run(ctx: Context) -> Result:
                 window=window,
                 quiet=1.2,
                 check=check,
-                ladder=LADDER,
+                ladder=QUICK_LADDER if ctx.quick else LADDER,
             )
         ctx.say(f"orchestrator on amqtt: {found.best:,}/s ({found.summary()})")
     ratio = found.best / baseline.best if baseline.best else 0.0

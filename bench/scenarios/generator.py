@@ -19,7 +19,7 @@ from ..load import LoadProcess
 def run(ctx: Context) -> Result:
     result = Result("generator")
     n = 10_000 if ctx.quick else 100_000
-    count = 600_000 if ctx.quick else 2_000_000
+    count = 300_000 if ctx.quick else 2_000_000
     with bench("generator") as b, LoadProcess(b.port, n) as load:
         report = load.run(rate=0, count=count)
         result.add("unpaced_per_s", round(report.achieved_per_s), "informational", unit="/s")

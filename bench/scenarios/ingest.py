@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..consumers import MosquittoSub, OrchestratorCounter, PahoSubscriber
 from ..context import Context
-from ..harness import Bench, Result, bench, start_ready, wait_idle
+from ..harness import Bench, Result, bench, start_ready, wait_settled
 from ..load import LoadProcess
 from ..search import SearchResult, search
 
@@ -25,7 +25,7 @@ def orchestrator_search(ctx: Context, b: Bench, load: LoadProcess, n: int, windo
     load.run(rate=min(50_000, n * 2), count=n)
     if not observer.wait(lambda o: o.stats.get("pulses", 0) >= n, 120):
         raise RuntimeError(f"warm-up pulses not all counted: {observer.stats}")
-    wait_idle(orch.pid)
+    wait_settled(orch.pid, observer)
 
     def check() -> str:
         dead = observer.stats.get("states", {}).get("dead", 0)
@@ -40,7 +40,7 @@ def orchestrator_search(ctx: Context, b: Bench, load: LoadProcess, n: int, windo
 def run(ctx: Context) -> Result:
     result = Result("ingest")
     n = 10_000 if ctx.quick else 100_000
-    window = 5.0 if ctx.quick else 30.0
+    window = 1.5 if ctx.quick else 30.0
     with bench("ingest") as b, LoadProcess(b.port, n) as load:
         paho = PahoSubscriber(b.port)
         try:

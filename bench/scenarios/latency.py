@@ -37,7 +37,7 @@ def run(ctx: Context) -> Result:
             result.notes.append("ingest not run (or held nothing): 50,000/s assumed")
     n = int(rate * INTERVAL)
     warmup = INTERVAL + GRACE + 1.0
-    stop_window = 3.0 if ctx.quick else 10.0
+    stop_window = 1.5 if ctx.quick else 10.0
     total = warmup + stop_window + INTERVAL + GRACE + 1.0
     rng = random.Random(42)
     stopped = rng.sample(range(n), max(1, n // 100))

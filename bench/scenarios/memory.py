@@ -7,7 +7,7 @@ of them pulsed once (the unknown -> alive wave) and the process went idle again.
 from __future__ import annotations
 
 from ..context import Context
-from ..harness import Result, bench, rss_bytes, start_ready, wait_idle
+from ..harness import Result, bench, rss_bytes, start_ready, wait_idle, wait_settled
 from ..load import LoadProcess
 
 
@@ -27,7 +27,7 @@ def run(ctx: Context) -> Result:
         with LoadProcess(b.port, n, connections=1) as load:
             load.run(rate=min(50_000, 5 * n), count=n)
         observer.wait(lambda o: o.stats.get("pulses", 0) >= base + n, 60)
-        wait_idle(orch.pid, hold=1.0)
+        wait_settled(orch.pid, observer)
         rss_full = rss_bytes(orch.pid)
         alive = observer.fresh_stats()["states"]["alive"]
         orch.stop()

@@ -18,9 +18,9 @@ from ..load import LoadProcess
 def run(ctx: Context) -> Result:
     result = Result("steady_writes")
     n = 10_000 if ctx.quick else 100_000
-    interval = 2.0 if ctx.quick else 5.0
-    window = 5.0 if ctx.quick else 20.0
-    warmup = interval + (2.0 if ctx.quick else 6.0)
+    interval = 1.0 if ctx.quick else 5.0
+    window = 3.0 if ctx.quick else 20.0
+    warmup = interval + (1.0 if ctx.quick else 6.0)
     rate = int(n / interval)
     with bench("steady") as b, LoadProcess(b.port, n, connections=1) as load:
         observer = b.observer(alerts=True)

@@ -34,8 +34,11 @@ import mqtt5
 
 log = logging.getLogger("orchestrator.ingest")
 
-PulseSink = Callable[[str, bytes, float], None]
-"""Called as ``sink(topic, payload, now)`` for every message, ``now`` on the monotonic clock."""
+PulseSink = Callable[[str, bytes, float, bool], None]
+"""Called as ``sink(topic, payload, now, retained)`` for every message, ``now`` on the monotonic clock.
+
+``retained`` is True only for a retained copy delivered at subscribe (the
+subscription does not keep the retain flag of live messages)."""
 
 
 Message = tuple[str, bytes, bool]
@@ -110,7 +113,7 @@ class _Protocol(asyncio.Protocol):
                 pos += size
                 if type(packet) is publish:
                     count += 1
-                    sink(packet.topic, packet.payload, now)
+                    sink(packet.topic, packet.payload, now, packet.retain)
                 elif type(packet) is puback:
                     self._acked(packet)
                 else:

@@ -339,7 +339,9 @@ class Orchestrator:
     async def _serve(self, client: aiomqtt.Client, stopper: asyncio.Task[Any]) -> bool:
         """Subscribe, judge and consume until the connection drops (False) or ``stop`` (True)."""
         lean = self._mqtt5 and self.config.pulse_connection == "auto"
-        pulse_filters = [self.topics.pulse_filter, self._echo_topic]
+        # Births and wills ride with the pulses: 10,000 wills at once arrive as fast as pulses do,
+        # not 20 in flight at a time as QoS 1 deliveries to the general client.
+        pulse_filters = [self.topics.pulse_filter, self.topics.state_filter, self._echo_topic]
         subscriptions = [*self.topics.subscriptions(), (self._echo_topic, 0)]
         await client.subscribe([(t, q) for t, q in subscriptions if not (lean and t in pulse_filters)])
         self._client = client
@@ -596,12 +598,18 @@ class Orchestrator:
         if transition is not None:
             self._emit(transition)
 
-    def _on_lean_message(self, topic: str, payload: bytes, now: float) -> None:
-        """Messages from the lean reader: pulses (``{prefix}/runtimes/{id}/pulse``) and our own echoes."""
+    def _on_lean_message(self, topic: str, payload: bytes, now: float, retained: bool) -> None:
+        """Messages from the lean reader: pulses, births and wills, and our own echoes."""
         if topic.endswith("/pulse"):
             self.on_pulse(self.topics.pulse_id(topic), payload, now)
         elif topic == self._echo_topic:
             self._on_echo(payload)
+        else:
+            try:
+                self.handle(topic, payload, retained)
+            except Exception:  # one bad message must never stop the stream
+                self.stats["errors"] += 1
+                log.exception("unexpected error handling a message on %r", topic[:200])
 
     # --- echo: proving the link before a verdict -----------------------------
 

@@ -132,11 +132,15 @@ class Topics:
     def pulse_filter(self) -> str:
         return f"{self._runtimes}+/pulse"
 
+    @property
+    def state_filter(self) -> str:
+        return f"{self._runtimes}+/state"
+
     def subscriptions(self) -> list[tuple[str, int]]:
         """What the orchestrator subscribes to, with the QoS of each."""
         return [
             (f"{self._runtimes}+/interval", 1),
-            (f"{self._runtimes}+/state", 1),
+            (self.state_filter, 1),
             (self.pulse_filter, 0),
             (self.command, 1),
         ]

@@ -60,6 +60,9 @@ def watched(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> 
         alive = d.runtime("rt-alive")
         alive.register(30.0, 30.0)
         d.observer.wait_status("rt-alive", "alive", 5)
+        # The reply travels on another connection than the status and may come second: wait for it
+        # too, so that no test below takes it for the answer to its own request.
+        d.observer.wait_for(lambda m: m.topic == TOPICS.reply("rt-alive"), 5)
         yield d
     finally:
         d.close()

@@ -60,19 +60,18 @@ def check_id(runtime_id: object) -> str:
     )
 
 
-def check_seconds(name: str, value: object) -> float:
-    """Validate an interval or grace: a finite number within the documented bounds."""
+def check_seconds(
+    name: str, value: object, *, low: float = MIN_INTERVAL, high: float = MAX_INTERVAL, note: str = ""
+) -> float:
+    """Validate a duration (an interval or grace by default): a finite number within ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError("bad_type", f"{name} must be a number of seconds, got {type(value).__name__}")
     try:
         seconds = float(value)
     except OverflowError:  # an integer beyond any float
         seconds = math.inf
-    if not math.isfinite(seconds) or not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
-        raise ProtocolError(
-            "out_of_range",
-            f"{name} must be between {MIN_INTERVAL:g} and {MAX_INTERVAL:g} seconds, got {value!r}",
-        )
+    if not math.isfinite(seconds) or not low <= seconds <= high:
+        raise ProtocolError("out_of_range", f"{name} must be between {low:g} and {high:g} seconds{note}, got {value!r}")
     return seconds
 
 
@@ -448,18 +447,7 @@ def check_target(target: object) -> str:
 
 def check_silence_seconds(value: object) -> float:
     """How long a silence lasts: a finite number of seconds from 1 to 366 days."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ProtocolError("bad_type", f"'for' must be a number of seconds, got {type(value).__name__}")
-    try:
-        seconds = float(value)
-    except OverflowError:  # an integer beyond any float
-        seconds = math.inf
-    if not math.isfinite(seconds) or not MIN_SILENCE <= seconds <= MAX_SILENCE:
-        raise ProtocolError(
-            "out_of_range",
-            f"'for' must be between {MIN_SILENCE:g} and {MAX_SILENCE:g} seconds (366 days), got {value!r}",
-        )
-    return seconds
+    return check_seconds("'for'", value, low=MIN_SILENCE, high=MAX_SILENCE, note=" (366 days)")
 
 
 def peek_request_id(payload: bytes, *, limit: int = MAX_PAYLOAD) -> str | None:

@@ -102,6 +102,9 @@ class Detector:
         self._values: dict[float, float] = {}
         self.counts: dict[State, int] = dict.fromkeys(State, 0)
         """How many runtimes are in each state, kept as they change (never counted by a scan)."""
+        self.session_changes: list[str] = []
+        """Runtimes that just showed a session other than their newest (a live birth of a new one, or a
+        pulse of another): signs of two claimants of one ID, for the caller to weigh and then clear."""
         self.heap_pops = 0
         """How many deadline entries have been examined: a measure of work, for tests."""
 
@@ -123,11 +126,6 @@ class Detector:
     def views(self) -> Iterator[View]:
         for runtime_id in self._runtimes:
             yield self.view(runtime_id)
-
-    def sessions(self, runtime_id: str) -> tuple[int | None, int | None, float]:
-        """``(newest session, session declared dead, interval + grace)``, for spotting a shared ID."""
-        rt = self._get(runtime_id)
-        return rt.session, rt.dead_session, rt.interval + rt.grace
 
     def deadline(self, runtime_id: str) -> float | None:
         """When the runtime will be declared dead if it stays silent; None if not watched."""
@@ -215,8 +213,11 @@ class Detector:
         rt = self._runtimes.get(runtime_id)
         if rt is None:
             raise NotRegistered(runtime_id)
-        if session is not None and session == rt.dead_session:
-            return None  # a late pulse from a connection already declared dead
+        if session is not None:
+            if session == rt.dead_session:
+                return None  # a late pulse from a connection already declared dead
+            if session != rt.session and rt.session is not None:
+                self.session_changes.append(runtime_id)
         rt.last_seen = now
         self._seen[runtime_id] = now
         if rt.state is ALIVE:
@@ -231,6 +232,8 @@ class Detector:
         if session is not None:
             if session == rt.dead_session:
                 return None
+            if live and rt.session is not None and session != rt.session:
+                self.session_changes.append(runtime_id)
             rt.session = session
         if not live:
             return None  # a retained copy: it names the session, but is no sign of life now

@@ -515,8 +515,6 @@ class Orchestrator:
             if kind == "state":
                 message = protocol.decode_state(payload, limit=self.config.max_payload)
                 if message.state == "online":
-                    if not retained:
-                        self._check_session(runtime_id, message.session, now)
                     transition = self.detector.online(runtime_id, now, message.session, live=not retained)
                 elif message.state == "offline":
                     transition = self._will(runtime_id, now, message.session, live=not retained)
@@ -541,6 +539,8 @@ class Orchestrator:
             return
         if transition is not None:
             self._emit(transition)
+        if self.detector.session_changes:
+            self._weigh_session_changes(now)
 
     def _will(self, runtime_id: str, now: float, session: int | None, *, live: bool) -> Transition | None:
         """A live will is applied by the watcher after an echo proves the link (see ``_watcher``).
@@ -550,24 +550,23 @@ class Orchestrator:
         """
         if not live:
             return self.detector.offline(runtime_id, now, session, live=False)
-        _, _, window = self.detector.sessions(runtime_id)  # raises NotRegistered
-        if self.conflicts.in_conflict(runtime_id, now, _CONFLICT_WINDOWS * window):
+        view = self.detector.view(runtime_id)  # raises NotRegistered
+        if self.conflicts.in_conflict(runtime_id, now, _CONFLICT_WINDOWS * (view.interval + view.grace)):
             self.stats["wills_ignored_in_conflict"] += 1
             return None  # the other claimant may be alive: silence decides
         self._pending_wills.append((runtime_id, now, session))
         self._rearm.set()
         return None
 
-    def _check_session(self, runtime_id: str, session: int | None, now: float) -> None:
-        """A birth or pulse of a session other than the newest is a sign of two claimants of one ID."""
-        current, dead, window = self.detector.sessions(runtime_id)
-        if session is None or current is None or session in (current, dead):
-            return
-        if self.conflicts.sign(runtime_id, now, _CONFLICT_WINDOWS * window):
+    def _weigh_session_changes(self, now: float) -> None:
+        """Session changes the detector saw are signs of two claimants of one ID; enough of them, a conflict."""
+        changed, self.detector.session_changes = self.detector.session_changes, []
+        for runtime_id in changed:
             view = self.detector.view(runtime_id)
-            reason = "two connections claim this runtime ID (their sessions keep taking turns)"
-            self.stats["conflicts"] += 1
-            self._emit(Transition(runtime_id, view.state, view.state, now, view.last_seen, reason, "conflict"))
+            if self.conflicts.sign(runtime_id, now, _CONFLICT_WINDOWS * (view.interval + view.grace)):
+                reason = "two connections claim this runtime ID (their sessions keep taking turns)"
+                self.stats["conflicts"] += 1
+                self._emit(Transition(runtime_id, view.state, view.state, now, view.last_seen, reason, "conflict"))
 
     def apply_wills(self) -> None:
         """Apply the wills received so far, as of their receipt: the link has just proved itself."""
@@ -588,8 +587,6 @@ class Orchestrator:
                 self._reject(exc.reason, runtime_id, f"pulse: {exc}")
                 return
         try:
-            if session is not None:
-                self._check_session(runtime_id, session, now)
             transition = self.detector.pulse(runtime_id, now, session)
         except NotRegistered:
             self._reject("unregistered", runtime_id, "pulse from unregistered runtime")
@@ -597,6 +594,8 @@ class Orchestrator:
         self.pulses += 1
         if transition is not None:
             self._emit(transition)
+        if self.detector.session_changes:
+            self._weigh_session_changes(now)
 
     def _on_lean_message(self, topic: str, payload: bytes, now: float, retained: bool) -> None:
         """Messages from the lean reader: pulses, births and wills, and our own echoes."""

@@ -869,3 +869,25 @@ def test_a_pulse_after_resume_brings_an_unknown_runtime_back_without_an_alert(de
 
     assert t is not None
     assert (t.old, t.new, t.event) == (UNKNOWN, ALIVE, None)
+
+
+def test_a_pulse_of_another_session_than_the_newest_is_noted(det: Detector, clock: FakeClock) -> None:
+    register_alive(det, clock)
+    det.online("rt-1", clock.now, session=7)
+    det.pulse("rt-1", clock.advance(0.1), session=7)
+    assert det.session_changes == []
+
+    det.pulse("rt-1", clock.advance(0.1), session=8)
+
+    assert det.session_changes == ["rt-1"]
+
+
+def test_a_live_birth_of_a_new_session_is_noted_and_a_retained_one_is_not(det: Detector, clock: FakeClock) -> None:
+    register_alive(det, clock)
+    det.online("rt-1", clock.now, session=7)
+    det.online("rt-1", clock.advance(0.1), session=8, live=False)
+    assert det.session_changes == []
+
+    det.online("rt-1", clock.advance(0.1), session=9)
+
+    assert det.session_changes == ["rt-1"]

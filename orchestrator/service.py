@@ -481,17 +481,19 @@ class Orchestrator:
     # --- consumer: the hot path ----------------------------------------------
 
     async def _consume(self, client: aiomqtt.Client) -> None:
-        handle = self.handle
-        echo = self._echo_topic
         async for message in client.messages:
-            try:
-                if message.topic.value == echo:
-                    self._on_echo(bytes(message.payload))
-                    continue
-                handle(message.topic.value, message.payload, message.retain, message.properties)
-            except Exception:  # one bad message must never stop the stream
-                self.stats["errors"] += 1
-                log.exception("unexpected error handling a message on %r", message.topic.value[:200])
+            self._receive(message.topic.value, message.payload, message.retain, message.properties)
+
+    def _receive(self, topic: str, payload: Any, retained: bool, properties: Properties | None = None) -> None:
+        """Any message but a lean-path pulse, from either connection; one bad message never stops a stream."""
+        try:
+            if topic == self._echo_topic:
+                self._on_echo(bytes(payload))
+            else:
+                self.handle(topic, payload, retained, properties)
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("unexpected error handling a message on %r", topic[:200])
 
     def handle(self, topic: str, payload: Any, retained: bool, properties: Properties | None = None) -> None:
         """Route one message. Pulses are decoded only when non-empty."""
@@ -600,15 +602,9 @@ class Orchestrator:
     def _on_lean_message(self, topic: str, payload: bytes, now: float, retained: bool) -> None:
         """Messages from the lean reader: pulses, births and wills, and our own echoes."""
         if topic.endswith("/pulse"):
-            self.on_pulse(self.topics.pulse_id(topic), payload, now)
-        elif topic == self._echo_topic:
-            self._on_echo(payload)
+            self.on_pulse(self.topics.pulse_id(topic), payload, now)  # the hot path: nothing in between
         else:
-            try:
-                self.handle(topic, payload, retained)
-            except Exception:  # one bad message must never stop the stream
-                self.stats["errors"] += 1
-                log.exception("unexpected error handling a message on %r", topic[:200])
+            self._receive(topic, payload, retained)
 
     # --- echo: proving the link before a verdict -----------------------------
 

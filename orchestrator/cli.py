@@ -20,7 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from runtime_agent import protocol
 from runtime_agent.protocol import Topics, iso, status_dict
@@ -29,6 +29,9 @@ from runtime_agent.url import BrokerAddress, parse_broker_url
 from .broker import BrokerStartError
 from .config import Config, ConfigError, load_config, parse_channels
 from .store import FlipRow, RuntimeRow, Store, redact_url
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
 
 STATES = ("alive", "dead", "stopped", "unknown")
 COLORS = {"alive": "32", "dead": "1;31", "stopped": "33", "unknown": "2", "recovered": "32"}
@@ -386,20 +389,9 @@ def recent_alerts(config: Config, *, limit: int, as_json: bool, color: bool) -> 
 
 def follow_alerts(config: Config, *, as_json: bool, color: bool) -> int:
     """Subscribe to the alert topic and print each alert as it arrives, until Ctrl-C (exit 0)."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
 
-    if config.broker is not None:
-        address = parse_broker_url(config.broker)
-    else:
-        host, port = config.listen_address
-        address = parse_broker_url(f"mqtt://{f'[{host}]' if ':' in host else host}:{port}")
     topic = Topics(config.prefix).alerts
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"heartbeat-alerts-{uuid.uuid4().hex[:8]}")
-    if address.username is not None:
-        client.username_pw_set(address.username, address.password)
-    if address.tls:
-        client.tls_set(ca_certs=config.tls_ca)
+    client, address = _mqtt_client(config, "heartbeat-alerts")
     client.reconnect_delay_set(1, 10)
 
     def on_connect(client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
@@ -589,18 +581,11 @@ class NoAnswer(Exception):
 
 def send_command(config: Config, command: protocol.Command, *, timeout: float) -> dict[str, Any]:
     """Publish ``command`` on the command topic and wait for the orchestrator's reply (by its request ID)."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
 
     assert command.request_id is not None
-    address = _broker_address(config)
     topics = Topics(config.prefix)
     reply_topic = topics.command_reply(command.request_id)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"heartbeat-cli-{uuid.uuid4().hex[:8]}")
-    if address.username is not None:
-        client.username_pw_set(address.username, address.password)
-    if address.tls:
-        client.tls_set(ca_certs=config.tls_ca, certfile=config.tls_cert, keyfile=config.tls_key)
+    client, address = _mqtt_client(config, "heartbeat-cli")
     answered = threading.Event()
     refused: list[str] = []
     replies: list[bytes] = []
@@ -657,6 +642,20 @@ def send_command(config: Config, command: protocol.Command, *, timeout: float) -
         return protocol.decode_command_reply(replies[0])
     except protocol.ProtocolError as exc:
         raise NoAnswer(f"the orchestrator's reply is not understood: {exc}") from None
+
+
+def _mqtt_client(config: Config, name: str) -> tuple[mqtt.Client, BrokerAddress]:
+    """A paho client for the CLI's own connections, with the broker's credentials and TLS settings."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    address = _broker_address(config)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:8]}")
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    if address.tls:
+        client.tls_set(ca_certs=config.tls_ca, certfile=config.tls_cert, keyfile=config.tls_key)
+    return client, address
 
 
 def _broker_address(config: Config) -> BrokerAddress:

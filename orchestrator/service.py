@@ -1238,7 +1238,8 @@ class Orchestrator:
             message = str(exc).replace(self.config.db, shown)
             raise RuntimeError(f"cannot read the silences from {shown}: {message}") from exc
         self.dispatcher.silences = SilenceBook.from_rows(rows)
-        self.dispatcher.restore_held(v.runtime_id for v in self.detector.views() if v.state is State.DEAD)
+        if rows:  # a View per runtime for nothing otherwise: 100,000 of them at start-up
+            self.dispatcher.restore_held(v.runtime_id for v in self.detector.views() if v.state is State.DEAD)
         if rows or pruned:
             log.info("loaded %d silences (%d expired ones deleted)", len(rows), pruned)
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -56,6 +56,7 @@ from .store import FlipRow, RuntimeRow, Store, redact_url
 log = logging.getLogger("orchestrator")
 _paho.apply()  # paho's per-message MQTT 5 property tables, shared (see orchestrator/_paho.py)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _MAX_LOGGED_IDS = 10_000
 _REQUEST_BATCH = 1_000
@@ -1004,8 +1005,7 @@ class Orchestrator:
             client = self._client
             if client is not None and self.ready.is_set():
                 try:
-                    claim = functools.partial(self.store.claim_unnotified, lease=self.config.outbox_lease)
-                    owed = await self._db(claim, time.time())
+                    owed = await self._db(self.store.claim_unnotified, time.time(), lease=self.config.outbox_lease)
                 except Exception as exc:
                     log.warning("cannot read the outbox: %s", exc)
                     owed = []
@@ -1184,10 +1184,15 @@ class Orchestrator:
         # A notice that went out before its flip was written is written as notified.
         flips = [dataclasses.replace(f, notified_at=now) if f.key in marks else f for f in flips]
         try:
-            record = functools.partial(
-                self.store.record, now=now, lease=self.config.outbox_lease, alive_at=alive_at, notified=list(marks)
+            lost = await self._db(
+                self.store.record,
+                flips,
+                seen,
+                now=now,
+                lease=self.config.outbox_lease,
+                alive_at=alive_at,
+                notified=list(marks),
             )
-            lost = await self._db(record, flips, seen)
         except Exception as exc:
             self._db_ok = False
             log.error("database write failed (%d transitions kept for retry): %s", len(flips), exc)
@@ -1219,8 +1224,9 @@ class Orchestrator:
         with contextlib.suppress(Exception):
             await self._db(self.store.close)
 
-    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn`` on the database thread; typed like ``fn``, so a wrong call fails mypy, not production."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     # --- maintenance commands: silence, unsilence, deregister, silences ------
 

@@ -81,6 +81,14 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def drop_connection(client: mqtt.Client) -> None:
+    """Cut a paho client's TCP connection without DISCONNECT, as a killed process does (the broker sends the will)."""
+    sock = client.socket()
+    assert sock is not None
+    sock.shutdown(socket.SHUT_RDWR)
+    client.loop_stop()
+
+
 @dataclass
 class Received:
     topic: str
@@ -201,10 +209,7 @@ class Runtime:
 
     def drop(self) -> None:
         """Lose the connection without DISCONNECT, as a killed process does: the broker sends the will."""
-        sock = self.client.socket()
-        assert sock is not None
-        sock.shutdown(socket.SHUT_RDWR)
-        self.client.loop_stop()
+        drop_connection(self.client)
 
     def close(self) -> None:
         self.client.disconnect()

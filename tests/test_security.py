@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from orchestrator.broker import free_port, wait_for_port
 from runtime_agent import Agent, AsyncAgent, ConnectError, protocol
 
-from .harness import ROOT, MosquittoBroker, OrchestratorProcess
+from .harness import ROOT, MosquittoBroker, OrchestratorProcess, drop_connection
 from .pki import Authority, Pair
 
 pytestmark = pytest.mark.e2e
@@ -234,10 +233,7 @@ class Client:
 
     def drop(self) -> None:
         """Lose the connection without DISCONNECT, so the broker processes the will."""
-        sock = self.client.socket()
-        assert sock is not None
-        sock.shutdown(socket.SHUT_RDWR)
-        self.client.loop_stop()
+        drop_connection(self.client)
 
     def close(self) -> None:
         self.client.disconnect()

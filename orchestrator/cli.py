@@ -33,7 +33,7 @@ from .store import FlipRow, RuntimeRow, Store, redact_url
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
-STATES = ("alive", "dead", "stopped", "unknown")
+STATES = protocol.RUNTIME_STATES
 COLORS = {"alive": "32", "dead": "1;31", "stopped": "33", "unknown": "2", "recovered": "32"}
 """ANSI SGR codes per state (and alert event)."""
 

@@ -15,7 +15,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-STATES = ("alive", "dead", "stopped", "unknown")
+from runtime_agent import protocol
+
+STATES = protocol.RUNTIME_STATES
 
 LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Seconds from a runtime's deadline to its verdict: milliseconds when healthy, seconds when the broker lags."""

@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 VERSION: Final = 1
 DEFAULT_PREFIX: Final = "heartbeat/v1"
@@ -30,6 +30,8 @@ MAX_PAYLOAD: Final = 64 * 1024
 _ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 RuntimeState = Literal["alive", "dead", "stopped", "unknown"]
+RUNTIME_STATES: Final = get_args(RuntimeState)
+"""The states a status document can carry, in display order."""
 ConnectionState = Literal["online", "offline", "stopped"]
 CONNECTION_STATES: Final = ("online", "offline", "stopped")
 

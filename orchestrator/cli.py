@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
 from runtime_agent import protocol
-from runtime_agent.protocol import Topics, iso, status_dict
+from runtime_agent.protocol import Topics, iso
 from runtime_agent.url import BrokerAddress, parse_broker_url
 
 from .broker import BrokerStartError
@@ -304,7 +304,7 @@ def status(
             if http is not None:
                 return fetch_statuses(http)
             rows: list[RuntimeRow] = db.read(lambda store: store.load())
-            return [_status(row) for row in rows]
+            return [row.status() for row in rows]
 
         if watch is not None:
             return _watch(read, every=watch, as_json=as_json, color=color)
@@ -337,10 +337,6 @@ def _watch(read: Callable[[], list[dict[str, Any]]], *, every: float, as_json: b
             time.sleep(every)
     except KeyboardInterrupt:
         return 0
-
-
-def _status(row: RuntimeRow) -> dict[str, object]:
-    return status_dict(row.id, row.state, row.interval, row.grace, row.last_seen, row.since, row.reason)
 
 
 # --- alerts ------------------------------------------------------------------------

@@ -456,7 +456,7 @@ class Orchestrator:
     # --- what the web server reads (orchestrator.web.DashboardSource) --------
 
     def runtimes(self) -> list[dict[str, Any]]:
-        return [_status(row) for row in self.rows()]
+        return [row.status() for row in self.rows()]
 
     def runtime(self, runtime_id: str) -> dict[str, Any] | None:
         if runtime_id not in self.detector:
@@ -1445,10 +1445,6 @@ def _response_to(properties: Properties | None) -> tuple[str | None, bytes | Non
 def _unsupported_version(exc: Exception) -> bool:
     rc = getattr(exc, "rc", None)
     return getattr(rc, "value", rc) in (1, 132)
-
-
-def _status(row: RuntimeRow) -> dict[str, Any]:
-    return protocol.status_dict(row.id, row.state, row.interval, row.grace, row.last_seen, row.since, row.reason)
 
 
 def _shown(value: str) -> str:

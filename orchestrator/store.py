@@ -20,6 +20,8 @@ import peewee
 from playhouse import db_url
 from playhouse.migrate import SchemaMigrator, migrate
 
+from runtime_agent.protocol import status_dict
+
 log = logging.getLogger("orchestrator.store")
 
 database = peewee.DatabaseProxy()
@@ -115,6 +117,10 @@ class RuntimeRow:
     since: float
     last_seen: float | None
     reason: str | None
+
+    def status(self) -> dict[str, Any]:
+        """The status document of this runtime, as on its status topic and in ``status --json``."""
+        return status_dict(self.id, self.state, self.interval, self.grace, self.last_seen, self.since, self.reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from runtime_agent.url import BrokerAddress, parse_broker_url
 
 from .broker import BrokerStartError
 from .config import Config, ConfigError, load_config, parse_channels
-from .store import FlipRow, RuntimeRow, Store, redact_url
+from .store import FlipRow, RuntimeRow, Store, database_error
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
@@ -258,8 +258,7 @@ class _Database:
                 self.store.open()
             return fn(self.store)
         except Exception as exc:
-            shown = redact_url(self.url)
-            raise ReadError(f"cannot read the database {shown}: {str(exc).replace(self.url, shown)}") from None
+            raise ReadError(database_error("cannot read the database", self.url, exc)) from None
 
 
 def fetch_statuses(url: str, timeout: float = 10.0) -> list[dict[str, Any]]:

@@ -51,7 +51,7 @@ from .ingest import Message, PulseReader, PulseReaderError
 from .metrics import LatencyHistogram
 from .notify import MqttNotifier, Notice, NotifyError
 from .silence import Silence, SilenceBook
-from .store import FlipRow, RuntimeRow, Store, redact_url
+from .store import FlipRow, RuntimeRow, Store, database_error, redact_url
 
 log = logging.getLogger("orchestrator")
 _paho.apply()  # paho's per-message MQTT 5 property tables, shared (see orchestrator/_paho.py)
@@ -207,8 +207,7 @@ class Orchestrator:
             await self._db(self.store.open)
             rows = await self._db(self.store.load)
         except Exception as exc:
-            shown = redact_url(self.config.db)
-            raise RuntimeError(f"cannot open the database {shown}: {str(exc).replace(self.config.db, shown)}") from exc
+            raise RuntimeError(database_error("cannot open the database", self.config.db, exc)) from exc
         for row in rows:
             self.detector.restore(
                 row.id,
@@ -1240,9 +1239,7 @@ class Orchestrator:
             pruned = await self._db(self.store.prune_silences, time.time())
             rows = await self._db(self.store.silences)
         except Exception as exc:
-            shown = redact_url(self.config.db)
-            message = str(exc).replace(self.config.db, shown)
-            raise RuntimeError(f"cannot read the silences from {shown}: {message}") from exc
+            raise RuntimeError(database_error("cannot read the silences from", self.config.db, exc)) from exc
         self.dispatcher.silences = SilenceBook.from_rows(rows)
         if rows:  # a View per runtime for nothing otherwise: 100,000 of them at start-up
             self.dispatcher.restore_held(v.runtime_id for v in self.detector.views() if v.state is State.DEAD)

@@ -474,6 +474,12 @@ class Store:
         return Runtime.update(**update).from_(values).where(Runtime.id == values.c.rid).with_cte(values)
 
 
+def database_error(what: str, url: str, exc: Exception) -> str:
+    """``"{what} {url}: {error}"`` with the password out of both the URL and the driver's message."""
+    shown = redact_url(url)
+    return f"{what} {shown}: {str(exc).replace(url, shown)}"
+
+
 def redact_url(url: str) -> str:
     """A database URL without its password, for logs and error messages."""
     scheme, sep, rest = url.partition("://")

@@ -429,6 +429,8 @@ def test_stop_ends_the_pulses(started_agent: Agent, orchestrator: FakeOrchestrat
 def test_stop_is_idempotent(started_agent: Agent, orchestrator: FakeOrchestrator) -> None:
     started_agent.stop()
     started_agent.stop()
+    orchestrator.wait_for(state_is("stopped", started_agent.runtime_id, started_agent.session))
+    time.sleep(0.2)  # room for a second, wrong "stopped" to arrive
     assert [state.state for state in orchestrator.states(started_agent.runtime_id)] == ["online", "stopped"]
 
 

@@ -194,6 +194,20 @@ def test_record_of_more_than_one_chunk_appends_every_flip(store: Store) -> None:
     assert len(store.history("rt-a", limit=5000)) == 1201
 
 
+def test_record_with_reused_chunk_sql_still_refuses_runtimes_that_moved_on(store: Store) -> None:
+    """Full chunks reuse their SQL (``_execute_chunk``): the compare-and-set must still hold in every one."""
+    ids = [f"rt-{i:04d}" for i in range(1000)]
+    store.register([(rid, 1.0, 1.0) for rid in ids], T0)
+    store.record([flip(rid, "unknown", "alive", T0 + 1) for rid in ids[::2]], {})  # builds the full chunks' SQL
+    deaths = [flip(rid, "alive", "dead", T0 + 2, event="dead", reason="silent") for rid in ids]
+    assert store.record(deaths, {}) == set(ids[1::2])
+    states = {r.id: (r.state, r.reason) for r in store.load()}
+    assert {states[rid] for rid in ids[::2]} == {("dead", "silent")}
+    assert {states[rid] for rid in ids[1::2]} == {("unknown", "registered")}
+    assert store.history(ids[0])[0] == deaths[0]
+    assert store.history(ids[1]) == []
+
+
 # --- deregister ------------------------------------------------------------------
 
 

@@ -167,7 +167,7 @@ class Store:
         self.transactions = 0
         """Committed write transactions: a measure for tests and benchmarks."""
         self._chunk_sql: dict[tuple[Any, ...], str] = {}
-        """SQL of full-size chunks (``_execute_chunk``): peewee builds it once, not 500 rows' worth of nodes each time."""
+        """SQL of full-size chunks (``_execute_chunk``), built by peewee once rather than per chunk."""
 
     def open(self) -> None:
         """Connect and create the tables if they do not exist yet."""

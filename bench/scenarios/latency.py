@@ -53,9 +53,10 @@ def run(ctx: Context) -> Result:
     first: dict[str, float] = {}
     for alert in alerts:
         first.setdefault(alert.id, alert.at)
-    lateness = [
-        (first[rid] - (report.last_sent[i] + INTERVAL + GRACE)) * 1000 for rid, i in ids.items() if rid in first
-    ]
+    deadlines = {rid: report.last_sent[i] + INTERVAL + GRACE for rid, i in ids.items() if rid in first}
+    lateness = [(first[rid] - deadline) * 1000 for rid, deadline in deadlines.items()]
+    t0 = min(deadlines.values(), default=0.0)
+    worst_few = sorted(((first[rid] - d) * 1000, d - t0) for rid, d in deadlines.items())[-10:]
     missing = len(ids) - len(lateness)
     false_dead = len([rid for rid in first if rid not in ids])
     p50 = percentile(lateness, 50) if lateness else float("nan")
@@ -72,6 +73,7 @@ def run(ctx: Context) -> Result:
         stopped=len(ids),
         verdicts_missing=missing,
         min_ms=round(min(lateness), 1) if lateness else None,
+        worst=[f"{ms:.0f} ms at +{at:.2f} s" for ms, at in reversed(worst_few)],
     )
     result.notes.append(
         f"{n:,} runtimes (interval {INTERVAL:g} s, grace {GRACE:g} s) at {rate:,}/s; {len(ids)} stopped over "

@@ -27,8 +27,9 @@ import json
 import logging
 import math
 import socket
+import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -51,7 +52,7 @@ from .ingest import Message, PulseReader, PulseReaderError
 from .metrics import LatencyHistogram
 from .notify import MqttNotifier, Notice, NotifyError
 from .silence import Silence, SilenceBook
-from .store import FlipRow, RuntimeRow, Store, database_error, redact_url
+from .store import CHUNK, FlipRow, RuntimeRow, Store, database_error, redact_url
 
 log = logging.getLogger("orchestrator")
 _paho.apply()  # paho's per-message MQTT 5 property tables, shared (see orchestrator/_paho.py)
@@ -142,6 +143,13 @@ class Orchestrator:
         self._pending_flips: list[FlipRow] = []
         self._flip_waiters: list[asyncio.Future[set[str]]] = []
         self._flush_seen = False
+        self._seen_taken: dict[str, float] = {}
+        """The last-seen times (monotonic) the flush in progress took from the detector."""
+        self._seen_backlog: Iterator[tuple[str, float]] | None = None
+        """What of them is still to be written; the flush gives way to alerts between chunks."""
+        self._seen_done = False
+        self._alert_waiting = threading.Event()
+        """Set when flips with an alert are pending: the database thread ends a flush transaction early."""
         self._writer_wake = asyncio.Event()
         self._logged_ids: set[str] = set()
         self.pulses = 0
@@ -1103,6 +1111,8 @@ class Orchestrator:
             for t in batch
         ]
         self._pending_flips.extend(flips)
+        if any(f.event is not None for f in flips):
+            self._alert_waiting.set()
         future: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
         self._flip_waiters.append(future)
         self._writer_wake.set()
@@ -1153,11 +1163,15 @@ class Orchestrator:
                 self._writer_wake.set()
 
     async def _write_once(self, limit: int | None = _WRITE_BATCH) -> bool:
-        """One transaction: pending flips (at most ``limit``), notified marks, and the last-seen batch when due.
+        """One transaction: pending flips (at most ``limit``), notified marks, and the last-seen flush when due.
 
         Flips that raise an alert go first, whole runtimes at a time: the
-        unknown -> alive wave after a start (100,000 flips, seconds of work)
-        must not hold a verdict's alert behind it for ``db_timeout``.
+        unknown -> alive wave after a start (100,000 flips) must not hold a
+        verdict's alert behind it. The last-seen flush (100,000 rows with
+        100,000 runtimes, some 100 ms) is written a chunk at a time and gives
+        way when an alert's flips arrive: the transaction commits what it
+        has, the next one writes the alert's flips alone, and the flush goes
+        on after. With no alerts, a flush is still one transaction.
         """
         flips, self._pending_flips = self._pending_flips, []
         if limit is not None and len(flips) > limit:
@@ -1167,16 +1181,22 @@ class Orchestrator:
             room = max(0, limit - len(first))
             flips, self._pending_flips = first + rest[:room], rest[room:]
             self._writer_wake.set()  # the rest in the next transaction
+        self._alert_waiting.clear()  # those are taken; any set from here on is for the next transaction
         waiters, self._flip_waiters = self._flip_waiters, []
         marks, self._notified_keys = self._notified_keys, set()
-        seen: dict[str, float] = {}
         alive_at = None
-        if self._flush_seen:
+        if self._flush_seen and self._seen_backlog is None:
             self._flush_seen = False
-            wall = self.clock.wall
-            seen = {rid: wall(mono) for rid, mono in self.detector.take_seen().items()}
+            self._seen_taken = self.detector.take_seen()
+            self._seen_backlog = iter(self._seen_taken.items())
+            self._seen_done = False
             alive_at = time.time()
-        if not flips and not seen and not marks and alive_at is None:
+        backlog = self._seen_backlog
+        if backlog is not None and limit is not None and any(f.event is not None for f in flips):
+            backlog = None  # an alert waits for this commit: the flush goes on in the next transaction
+            self._writer_wake.set()
+        seen = None if backlog is None else self._seen_rows(backlog, give_way=limit is not None)
+        if not flips and seen is None and not marks and alive_at is None:
             _resolve(waiters, set())
             return True
         now = time.time()
@@ -1186,7 +1206,7 @@ class Orchestrator:
             lost = await self._db(
                 self.store.record,
                 flips,
-                seen,
+                seen or {},
                 now=now,
                 lease=self.config.outbox_lease,
                 alive_at=alive_at,
@@ -1198,26 +1218,44 @@ class Orchestrator:
             self._pending_flips[:0] = flips
             self._flip_waiters[:0] = waiters
             self._notified_keys |= marks
-            if seen:
-                self._flush_seen = True
-                self._restore_seen(seen)
+            if self._seen_backlog is not None:
+                # Some of the flush may be stored already; giving all of it back is harmless (newer times win).
+                self.detector.restore_seen(self._seen_taken)
+                self._seen_taken, self._seen_backlog, self._flush_seen = {}, None, True
             with contextlib.suppress(Exception):
                 await self._db(self.store.reconnect)
             return False
         self._db_ok = True
         _resolve(waiters, lost)
+        if self._seen_backlog is not None:
+            if self._seen_done:
+                self._seen_taken, self._seen_backlog = {}, None
+            if self._seen_backlog is not None or self._flush_seen:
+                self._writer_wake.set()  # the rest of the flush (or the next one) in the next transaction
         return True
 
-    def _restore_seen(self, seen: dict[str, float]) -> None:
-        """Put back last-seen times a failed write did not store."""
-        self.detector.restore_seen({rid: self.clock.mono(wall) for rid, wall in seen.items()})
+    def _seen_rows(self, backlog: Iterator[tuple[str, float]], *, give_way: bool) -> Iterator[tuple[str, float]]:
+        """The flush's ``(runtime_id, wall-clock last seen)``, read on the database thread a chunk at a time.
+
+        Stops between chunks once an alert is waiting (``give_way``); sets
+        ``_seen_done`` when the backlog is exhausted.
+        """
+        wall0, mono0, waiting = self.clock.wall0, self.clock.mono0, self._alert_waiting
+        for n, (runtime_id, mono) in enumerate(backlog, 1):
+            yield runtime_id, wall0 + (mono - mono0)
+            if give_way and n % CHUNK == 0 and waiting.is_set():
+                return
+        self._seen_done = True
 
     async def _final_flush(self) -> None:
         self._flush_seen = True
         try:
             async with asyncio.timeout(10):
-                while not await self._write_once(limit=None):  # noqa: ASYNC110 - retrying a failed write, not polling
-                    await asyncio.sleep(0.5)
+                while True:
+                    if not await self._write_once(limit=None):
+                        await asyncio.sleep(0.5)
+                    elif self._seen_backlog is None and not self._flush_seen:
+                        break
         except TimeoutError:
             log.error("database unavailable at shutdown: %d transitions not stored", len(self._pending_flips))
         with contextlib.suppress(Exception):

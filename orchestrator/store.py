@@ -154,7 +154,8 @@ def open_database(url: str) -> peewee.Database:
     return db
 
 
-_BATCH = 500
+CHUNK = 500
+"""Rows per statement; the service reads its last-seen flush a chunk at a time to match."""
 
 
 class Store:
@@ -218,7 +219,7 @@ class Store:
     def register(self, items: Sequence[tuple[str, float, float]], now: float) -> None:
         """Insert or update ``(id, interval, grace)`` rows in one transaction."""
         with self.db.atomic():
-            for chunk in peewee.chunked(items, _BATCH):
+            for chunk in peewee.chunked(items, CHUNK):
                 rows = [
                     {
                         "id": rid,
@@ -247,7 +248,7 @@ class Store:
     def deregister(self, runtime_ids: Iterable[str]) -> None:
         ids = list(runtime_ids)
         with self.db.atomic():
-            for chunk in peewee.chunked(ids, _BATCH):
+            for chunk in peewee.chunked(ids, CHUNK):
                 Runtime.delete().where(Runtime.id.in_(chunk)).execute()
         self.transactions += 1
 
@@ -283,7 +284,7 @@ class Store:
     def record(
         self,
         flips: Sequence[FlipRow],
-        seen: Mapping[str, float],
+        seen: Mapping[str, float] | Iterable[tuple[str, float]],
         *,
         now: float | None = None,
         lease: float = 30.0,
@@ -300,6 +301,10 @@ class Store:
         by the caller, who is about to notify them; ``notified`` marks earlier
         flips ``(runtime_id, at)`` as notified. ``alive_at`` records when this
         orchestrator was last known to be running.
+
+        ``seen`` may be an iterator of ``(runtime_id, last_seen)``: it is read
+        a chunk at a time, so one that stops early ends the transaction early
+        (the service's flush gives way to an alert that way).
         """
         if not flips and not seen and alive_at is None and not notified:
             return set()
@@ -311,7 +316,7 @@ class Store:
             for f in flips:
                 chains.setdefault(f.runtime_id, []).append(f)
             won: set[str] = set()
-            for part in peewee.chunked(list(chains.items()), _BATCH):
+            for part in peewee.chunked(list(chains.items()), CHUNK):
                 rows = [
                     (rid, chain[0].old_state, chain[-1].new_state, chain[-1].at, chain[-1].reason)
                     for rid, chain in part
@@ -319,7 +324,7 @@ class Store:
                 won.update(self._compare_and_set(rows))
             lost = set(chains) - won
             written = [f for f in flips if f.runtime_id in won]
-            for chunk in peewee.chunked(written, _BATCH):
+            for chunk in peewee.chunked(written, CHUNK):
                 self._insert_flips(
                     [
                         (
@@ -336,7 +341,7 @@ class Store:
                         for f in chunk
                     ]
                 )
-            for pairs in peewee.chunked(list(seen.items()), _BATCH):
+            for pairs in peewee.chunked(seen.items() if isinstance(seen, Mapping) else seen, CHUNK):
                 self._update_from(pairs, ("last_seen",))
             self._mark_notified(notified, now)
             if alive_at is not None:
@@ -423,7 +428,7 @@ class Store:
         self.transactions += 1
 
     def _mark_notified(self, keys: Sequence[tuple[str, float]], when: float) -> None:
-        for chunk in peewee.chunked(keys, _BATCH):
+        for chunk in peewee.chunked(keys, CHUNK):
             values = peewee.ValuesList(list(chunk)).cte("v", columns=("rid", "at"))
             at: Any = values.c.at
             if isinstance(self.db, peewee.PostgresqlDatabase):
@@ -474,7 +479,7 @@ class Store:
         if sql is not None:
             return self.db.execute_sql(sql, params)  # type: ignore[no-untyped-call]
         sql, built = build().sql()
-        if len(rows) == _BATCH and list(built) == params:
+        if len(rows) == CHUNK and list(built) == params:
             self._chunk_sql[key] = sql
         return self.db.execute_sql(sql, built)  # type: ignore[no-untyped-call]
 

@@ -13,12 +13,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
 from orchestrator.config import Config
 from orchestrator.detector import State
 from orchestrator.service import Orchestrator
+from orchestrator.store import CHUNK, FlipRow
 from runtime_agent import protocol
 
 TOPICS = protocol.Topics()
@@ -314,3 +316,80 @@ def test_messages_discarded_from_a_full_queue_are_counted_and_logged_at_most_eve
             mqtt_log.warning("Message queue is full. Discarding message.")
     assert orchestrator.counters()["dropped"] == {"queue_full": 500}
     assert len([r for r in caplog.records if "incoming queue full" in r.getMessage()]) == 1
+
+
+# --- the last-seen flush -------------------------------------------------------------
+
+
+FLUSHED = 3 * CHUNK
+
+
+@pytest.fixture
+def pulsed(orchestrator: Orchestrator) -> list[str]:
+    """IDs of ``FLUSHED`` runtimes in the database and the detector, each pulsed once (a flush's worth)."""
+    ids = [f"rt-{i:05d}" for i in range(FLUSHED)]
+    orchestrator.store.open()
+    orchestrator.store.register([(rid, 5.0, 5.0) for rid in ids], time.time())
+    orchestrator.store.record([FlipRow(rid, "unknown", "alive", None, None, time.time(), None) for rid in ids], {})
+    orchestrator.store.transactions = 0
+    now = time.monotonic()
+    for rid in ids:
+        orchestrator.detector.register(rid, 5.0, 5.0, now)
+        orchestrator.detector.pulse(rid, now)
+    return ids
+
+
+def stored_last_seen(orchestrator: Orchestrator) -> int:
+    return sum(1 for row in orchestrator.store.load() if row.last_seen is not None)
+
+
+def test_a_flush_without_alerts_is_one_transaction(orchestrator: Orchestrator, pulsed: list[str]) -> None:
+    orchestrator._flush_seen = True
+    assert asyncio.run(orchestrator._write_once())
+    assert orchestrator.store.transactions == 1
+    assert stored_last_seen(orchestrator) == len(pulsed)
+
+
+def alert_arrives_during_the_first_chunk(orchestrator: Orchestrator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the database thread see an alert waiting once it has written one chunk of the flush."""
+    update_from = orchestrator.store._update_from
+
+    def update_then_alert(*args: Any) -> None:
+        update_from(*args)
+        orchestrator._alert_waiting.set()
+
+    monkeypatch.setattr(orchestrator.store, "_update_from", update_then_alert)
+
+
+def test_a_flush_commits_at_the_next_chunk_once_an_alert_waits(
+    orchestrator: Orchestrator, pulsed: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alert_arrives_during_the_first_chunk(orchestrator, monkeypatch)
+    orchestrator._flush_seen = True
+    assert asyncio.run(orchestrator._write_once())
+    assert orchestrator.store.transactions == 1
+    assert stored_last_seen(orchestrator) == CHUNK
+    assert orchestrator._writer_wake.is_set()  # the rest of the flush is still to come
+
+
+def test_an_alerts_flips_are_written_alone_then_the_flush_goes_on(
+    orchestrator: Orchestrator, pulsed: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alert_arrives_during_the_first_chunk(orchestrator, monkeypatch)
+    orchestrator._flush_seen = True
+
+    async def flush_with_an_alert() -> None:
+        await orchestrator._write_once()
+        deaths = orchestrator.detector.expire(time.monotonic() + 60)[:1]
+        orchestrator._submit_flips(deaths)
+        committed = orchestrator._flip_waiters[-1]
+        await orchestrator._write_once()
+        assert committed.done()
+        assert stored_last_seen(orchestrator) == CHUNK  # the alert's transaction carried no flush rows
+        assert orchestrator.store.history(deaths[0].runtime_id)[0].new_state == "dead"
+        for _ in range(FLUSHED // CHUNK):  # the rest, a chunk a transaction (an alert "waits" after every chunk)
+            await orchestrator._write_once()
+
+    asyncio.run(flush_with_an_alert())
+    assert stored_last_seen(orchestrator) == len(pulsed)
+    assert orchestrator._seen_backlog is None

@@ -23,6 +23,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import math
@@ -230,6 +231,10 @@ class Orchestrator:
         self._check_downtime(await self._db(self.store.alive_at), rows)
         await self._load_silences()
         del rows  # 100,000 rows would otherwise live as long as this frame (about 170 B each)
+        # What is loaded lives as long as the process: keep it out of the collector's full passes, which
+        # otherwise walk every runtime's objects (40-80 ms with 100,000, the event loop stopped meanwhile).
+        gc.collect()
+        gc.freeze()
         async with contextlib.AsyncExitStack() as stack:
             if self.config.broker is None:
                 host, port = self.config.listen_address

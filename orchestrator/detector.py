@@ -304,23 +304,46 @@ class Detector:
             out.append(self._become(runtime_id, rt, DEAD, now, reason, "dead", deadline))
         return out
 
+    def settle(self, now: float, budget: int) -> bool:
+        """Re-arm at most ``budget`` stale heap entries due by ``now``; whether more are waiting.
+
+        After a start every runtime is armed for the same instant (start +
+        interval + grace), and at that instant each one that pulsed is
+        re-armed: 100,000 of them at once held the event loop for over 100 ms.
+        The caller settles them a slice at a time, reading pulses in between.
+        """
+        heap = self._heap
+        for _ in range(budget):
+            if not heap or heap[0][0] > now or self._top_is_due(now):
+                return False
+            self._pop_stale()
+        return bool(heap) and heap[0][0] <= now
+
     def _next_due(self, now: float) -> tuple[str, _Runtime] | None:
         """The runtime at the top of the heap if its real deadline has passed; stale entries are settled."""
         heap = self._heap
         while heap and heap[0][0] <= now:
-            _, token, runtime_id = heap[0]
-            rt = self._runtimes.get(runtime_id)
-            if rt is not None and rt.token == token and rt.state in _WATCHED:
-                deadline = self._deadline(rt)
-                if deadline <= now:
-                    return runtime_id, rt
-            heapq.heappop(heap)
-            self.heap_pops += 1
-            if rt is not None and rt.token == token:
-                rt.token = 0
-                if rt.state in _WATCHED:
-                    self._push(runtime_id, rt, deadline)  # re-armed: the runtime pulsed since
+            if self._top_is_due(now):
+                runtime_id = heap[0][2]
+                return runtime_id, self._runtimes[runtime_id]
+            self._pop_stale()
         return None
+
+    def _top_is_due(self, now: float) -> bool:
+        """Whether the heap's top entry is current and its runtime's real deadline has passed."""
+        _, token, runtime_id = self._heap[0]
+        rt = self._runtimes.get(runtime_id)
+        return rt is not None and rt.token == token and rt.state in _WATCHED and self._deadline(rt) <= now
+
+    def _pop_stale(self) -> None:
+        """Drop the top entry; if it is its runtime's current one, re-arm at the real deadline (it pulsed since)."""
+        _, token, runtime_id = heapq.heappop(self._heap)
+        self.heap_pops += 1
+        rt = self._runtimes.get(runtime_id)
+        if rt is not None and rt.token == token:
+            rt.token = 0
+            if rt.state in _WATCHED:
+                self._arm(runtime_id, rt)
 
     def suspend(self) -> None:
         """Stop judging: the orchestrator lost its broker and cannot see pulses."""

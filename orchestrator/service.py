@@ -68,6 +68,8 @@ _WRITE_BATCH = 1_000
 """Flips per transaction at most (those raising alerts are never split: they go first)."""
 _WILL_GATHER = 0.05
 """Seconds the watcher waits after a will for the rest of its burst, before proving the link."""
+_SETTLE_BUDGET = 1_000
+"""Stale deadlines the watcher re-arms per event-loop turn (1-7 ms of work, the database thread permitting)."""
 _COMMAND_QUEUE = 1_000
 """Maintenance commands waiting to run; more are refused (``busy``): they are a person's, not a fleet's."""
 _CLEAR_ECHO = 30.0
@@ -835,6 +837,7 @@ class Orchestrator:
         while True:
             deadline = self.detector.next_deadline()
             delay = None if deadline is None else max(0.0, deadline - time.monotonic())
+            planned = None if delay is None else time.monotonic() + delay  # a stale top entry is not a stall
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._rearm.wait()
@@ -846,12 +849,15 @@ class Orchestrator:
                 for transition in self.detector.expire(now):
                     self._emit(transition)
                 continue
-            if deadline is not None and now - deadline > self.config.stall_threshold:
+            if planned is not None and now - planned > self.config.stall_threshold:
                 self.stats["stalls"] += 1
-                log.warning("stalled for %.1f s: restarting the watch instead of judging", now - deadline)
+                log.warning("stalled for %.1f s: restarting the watch instead of judging", now - planned)
                 self.detector.resume(now)
                 if self._pending_wills:
                     self._rearm.set()  # wills are news, not silence: still apply them
+                continue
+            if self.detector.settle(now, _SETTLE_BUDGET):
+                await asyncio.sleep(0)  # more to re-arm: go on once the event loop has read what came meanwhile
                 continue
             if not self._pending_wills and not self.detector.overdue(now):
                 continue

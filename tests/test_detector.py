@@ -824,6 +824,43 @@ def test_expire_on_quiet_detector_with_nothing_due_pops_nothing() -> None:
     assert len(det.expire(20.0)) == 10_000
 
 
+def runtimes_that_all_pulsed(n: int) -> Detector:
+    """``n`` runtimes armed for the same instant (10 + 10 s) that each pulsed at 1 s: all stale at 20 s."""
+    det = Detector(now=0.0)
+    for i in range(n):
+        det.register(f"rt-{i}", 10.0, 10.0, 0.0)
+        det.pulse(f"rt-{i}", 1.0)
+    return det
+
+
+def test_settle_re_arms_at_most_its_budget_and_says_more_wait() -> None:
+    det = runtimes_that_all_pulsed(100)
+
+    assert det.settle(20.0, 30) is True
+    assert det.heap_pops == 30
+
+
+def test_settle_re_arms_every_stale_entry_in_slices_then_says_none_wait() -> None:
+    det = runtimes_that_all_pulsed(100)
+
+    slices = 0
+    while det.settle(20.0, 30):
+        slices += 1
+
+    assert (slices, det.heap_pops) == (3, 100)
+    assert det.next_deadline() == 21.0  # re-armed at their real deadlines
+    assert det.expire(20.0) == []
+
+
+def test_settle_stops_at_a_runtime_that_is_really_due() -> None:
+    det = runtimes_that_all_pulsed(10)
+    det.register("rt-silent", 5.0, 5.0, 0.0)  # due at 10 s, ahead of every stale entry
+
+    assert det.settle(20.0, 5) is False
+    assert det.heap_pops == 0
+    assert expire_ids(det, 20.0) == ["rt-silent"]
+
+
 # --- blind: suspended while deadlines pass ----------------------------------------------------
 
 

@@ -1,22 +1,22 @@
 """``embedded``: the ingest search on the embedded amqtt broker, beside a bare paho subscriber on amqtt.
 
-The orchestrator runs without ``--broker`` (``--listen 127.0.0.1:PORT``): the
-broker lives in its process and, amqtt speaking MQTT 3.1.1 only, pulses ride
-its general client. The baseline is a bare paho subscriber on the same amqtt
-broker started alone (``python -m bench.amqtt_broker``, configured as the
-orchestrator embeds it). 100,000 runtimes (quick 10,000), interval = grace = 3600 s.
+The orchestrator runs without ``--broker`` (``--listen 127.0.0.1:PORT``): it
+starts the amqtt broker as its child process and, amqtt speaking MQTT 3.1.1
+only, pulses ride its general client. The baseline is a bare paho subscriber
+on the same broker process started alone (``python -m orchestrator.broker``,
+the very command the orchestrator runs). 100,000 runtimes (quick 10,000),
+interval = grace = 3600 s.
 """
 
 from __future__ import annotations
 
 import subprocess
-import sys
 
-from orchestrator.broker import free_port, wait_for_port
+from orchestrator.broker import broker_command, child_env, free_port, wait_for_port
 
 from ..consumers import OrchestratorCounter, PahoSubscriber
 from ..context import Context
-from ..harness import Result, _stop, bench, env, wait_settled
+from ..harness import Result, _stop, bench, wait_settled
 from ..load import LoadProcess
 from ..search import search
 
@@ -30,9 +30,10 @@ def run(ctx: Context) -> Result:
     window = 1.5 if ctx.quick else 30.0
     with bench("embedded") as b:
         port = free_port()
-        broker = subprocess.Popen(
-            [sys.executable, "-m", "bench.amqtt_broker", "127.0.0.1", str(port)],
-            env=env(),
+        broker = subprocess.Popen(  # it stops when its stdin closes
+            broker_command("127.0.0.1", port),
+            env=child_env(),
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

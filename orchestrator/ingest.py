@@ -53,6 +53,18 @@ _BURST = 256
 """Publishes written before yielding to the event loop (pulses are read between bursts)."""
 
 
+_COALESCE_BYTES = 16_384
+_COALESCE_DELAY = 0.001
+"""After a read of under ``_COALESCE_BYTES``, the next waits this long (seconds).
+
+Mosquitto writes each message as it routes it, so at 100,000 pulses/s a
+read found two packets (90 bytes) on average: 48,000 wake-ups, epoll_wait
+and recv calls a second, some 4 µs per pulse of the orchestrator's 5. Waiting
+1 ms lets 100 of them gather per read. A pulse is then stamped at most 1 ms
+late, which only ever makes a runtime look alive for 1 ms longer. Not while
+our own publishes await their PUBACKs: those are read at once."""
+
+
 class PulseReaderError(ConnectionError):
     """The pulse connection was refused or broke; the message says why."""
 
@@ -129,6 +141,15 @@ class _Protocol(asyncio.Protocol):
             view.release()
         self.received += count
         self.buffer = buffer[pos:] if pos < end else b""
+        if len(data) < _COALESCE_BYTES and not self.inflight and self.transport is not None:
+            # A few packets per read: let the socket gather more before the next one (see _COALESCE_DELAY).
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(_COALESCE_DELAY, self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     def _acked(self, packet: mqtt5.PubAckPacket) -> None:
         batch = self.inflight.pop(packet.packet_id, None)

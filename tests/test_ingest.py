@@ -1,0 +1,96 @@
+"""The pulse reader's protocol on its own: framing and read coalescing, with a fake transport."""
+
+from __future__ import annotations
+
+import asyncio
+
+import mqtt5
+
+from orchestrator import ingest
+from orchestrator.ingest import _Batch, _Protocol
+
+
+class FakeTransport(asyncio.Transport):
+    """Records pause/resume; never closing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = True
+        self.pauses = 0
+
+    def pause_reading(self) -> None:
+        self.reading = False
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def pulse_packets(n: int) -> bytes:
+    return b"".join(
+        mqtt5.PublishPacket(f"heartbeat/v1/runtimes/rt-{i}/pulse", b"", qos=mqtt5.QoS.AT_MOST_ONCE).write()
+        for i in range(n)
+    )
+
+
+def connected() -> tuple[_Protocol, FakeTransport, list[str]]:
+    topics: list[str] = []
+    protocol = _Protocol(lambda topic, payload, now, retained: topics.append(topic))
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    return protocol, transport, topics
+
+
+def test_every_packet_of_a_read_reaches_the_sink_in_order() -> None:
+    async def check() -> None:
+        protocol, _, topics = connected()
+        protocol.data_received(pulse_packets(3))
+        assert topics == [f"heartbeat/v1/runtimes/rt-{i}/pulse" for i in range(3)]
+
+    asyncio.run(check())
+
+
+def test_a_packet_split_across_reads_is_delivered_once_whole() -> None:
+    async def check() -> None:
+        protocol, _, topics = connected()
+        data = pulse_packets(2)
+        protocol.data_received(data[:10])
+        protocol.data_received(data[10:])
+        assert len(topics) == 2
+
+    asyncio.run(check())
+
+
+def test_a_small_read_pauses_reading_and_resumes_after_the_coalescing_delay() -> None:
+    async def check() -> None:
+        protocol, transport, _ = connected()
+        protocol.data_received(pulse_packets(2))
+        assert not transport.reading
+        await asyncio.sleep(ingest._COALESCE_DELAY * 5)
+        assert transport.reading
+
+    asyncio.run(check())
+
+
+def test_a_large_read_does_not_pause_reading() -> None:
+    async def check() -> None:
+        protocol, transport, topics = connected()
+        data = pulse_packets(1000)
+        assert len(data) >= ingest._COALESCE_BYTES
+        protocol.data_received(data)
+        assert (transport.pauses, len(topics)) == (0, 1000)
+
+    asyncio.run(check())
+
+
+def test_reading_is_not_paused_while_our_publishes_await_their_acknowledgements() -> None:
+    async def check() -> None:
+        protocol, transport, _ = connected()
+        protocol.inflight[1] = _Batch(asyncio.get_running_loop().create_future())
+        protocol.data_received(pulse_packets(2))
+        assert transport.pauses == 0
+
+    asyncio.run(check())

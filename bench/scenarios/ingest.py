@@ -6,26 +6,52 @@ and grace 3600 s, so the offered rate is free (round-robin over all IDs) and
 no runtime can be due to die during a window; every runtime pulses once
 before the search (the unknown -> alive wave) and the orchestrator settles.
 A step of the orchestrator also fails on any dead verdict.
+
+Beside each search, the CPU each process spends per pulse at one common rate
+(``SPLIT_RATE``): Mosquitto, the consumer, and this bench process (which
+counts mosquitto_sub's output lines), so a ratio can be read against where
+the machine's two cores went.
 """
 
 from __future__ import annotations
 
-from ..consumers import MosquittoSub, OrchestratorCounter, PahoSubscriber
+import os
+import time
+
+from ..consumers import Consumer, MosquittoSub, OrchestratorCounter, PahoSubscriber
 from ..context import Context
-from ..harness import Bench, Result, bench, start_ready, wait_settled
+from ..harness import Bench, Result, bench, cpu_seconds, start_ready, wait_settled
 from ..load import LoadProcess
 from ..search import SearchResult, search
 
+SPLIT_RATE = 100_000
 
-def orchestrator_search(ctx: Context, b: Bench, load: LoadProcess, n: int, window: float, **kw: object) -> SearchResult:
+
+def cpu_split(b: Bench, load: LoadProcess, consumer: Consumer, pid: int, seconds: float) -> dict[str, float]:
+    """µs of CPU per pulse of Mosquitto, the consumer and this process to carry ``SPLIT_RATE`` pulses/s."""
+    pids = {"mosquitto": b.mosquitto.process.pid, "consumer": pid, "bench": os.getpid()}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    base = consumer.count()
+    report = load.run(rate=SPLIT_RATE, count=int(SPLIT_RATE * seconds))
+    deadline = time.monotonic() + 30
+    while consumer.count() - base < report.sent and time.monotonic() < deadline:  # until all were taken in
+        consumer.nudge()
+        time.sleep(0.02)
+    return {name: round((cpu_seconds(pid) - before[name]) / report.sent * 1e6, 2) for name, pid in pids.items()}
+
+
+def orchestrator_search(
+    ctx: Context, b: Bench, load: LoadProcess, n: int, window: float, splits: dict[str, dict[str, float]]
+) -> SearchResult:
     db = b.seed(n, interval=3600, grace=3600)
     observer = b.observer(alerts=True)
-    orch, ready_s = start_ready(b, db, observer, **kw)  # type: ignore[arg-type]
+    orch, ready_s = start_ready(b, db, observer)
     ctx.say(f"orchestrator ready in {ready_s:.2f} s with {n:,} runtimes; warming up (one pulse each)")
     load.run(rate=min(50_000, n * 2), count=n)
     if not observer.wait(lambda o: o.stats.get("pulses", 0) >= n, 120):
         raise RuntimeError(f"warm-up pulses not all counted: {observer.stats}")
     wait_settled(orch.pid, observer)
+    splits["orchestrator"] = cpu_split(b, load, OrchestratorCounter(observer), orch.pid, 1.0 if ctx.quick else 5.0)
 
     def check() -> str:
         dead = observer.stats.get("states", {}).get("dead", 0)
@@ -41,20 +67,25 @@ def run(ctx: Context) -> Result:
     result = Result("ingest")
     n = 10_000 if ctx.quick else 100_000
     window = 1.5 if ctx.quick else 30.0
+    split_s = 1.0 if ctx.quick else 5.0
+    splits: dict[str, dict[str, float]] = {}
     with bench("ingest") as b, LoadProcess(b.port, n) as load:
         paho = PahoSubscriber(b.port)
         try:
+            assert paho.process.pid is not None
+            splits["paho"] = cpu_split(b, load, paho, paho.process.pid, split_s)
             baseline = search(load, paho, quick=ctx.quick, window=window)
         finally:
             paho.close()
         ctx.say(f"paho: {baseline.best:,}/s ({baseline.summary()})")
         msub = MosquittoSub(b.port)
         try:
+            splits["mosquitto_sub"] = cpu_split(b, load, msub, msub.process.pid, split_s)
             ceiling = search(load, msub, quick=ctx.quick, window=window)
         finally:
             msub.close()
         ctx.say(f"mosquitto_sub: {ceiling.best:,}/s ({ceiling.summary()})")
-        orch = orchestrator_search(ctx, b, load, n, window)
+        orch = orchestrator_search(ctx, b, load, n, window, splits)
         ctx.say(f"orchestrator: {orch.best:,}/s ({orch.summary()})")
     ratio = orch.best / baseline.best if baseline.best else 0.0
     ceiling_ratio = orch.best / ceiling.best if ceiling.best else 0.0
@@ -66,7 +97,13 @@ def run(ctx: Context) -> Result:
     result.extra["runtimes"] = n
     result.extra["window_s"] = window
     result.extra["steps"] = {s.consumer: s.summary() for s in (orch, baseline, ceiling)}
+    result.extra["cpu_us_per_pulse_at_100k"] = splits
     result.notes.append(f"{n:,} runtimes registered with interval = grace = 3600 s; window {window:g} s per rate")
     for s in (orch, baseline, ceiling):
         result.notes.append(f"{s.consumer} steps: {s.summary()}")
+    for consumer, split in splits.items():
+        shown = ", ".join(f"{k} {v:g}" for k, v in split.items())
+        result.notes.append(
+            f"CPU µs/pulse at {SPLIT_RATE:,}/s with {consumer}: {shown} (total {sum(split.values()):.2f})"
+        )
     return result

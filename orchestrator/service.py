@@ -643,11 +643,13 @@ class Orchestrator:
         token = str(self._echo_seq).encode()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._echo_waiters[token] = waiter
+        reader = self._pulse_reader
         sent = time.monotonic()
         try:
-            await client.publish(self._echo_topic, token, qos=0)
-            async with asyncio.timeout(self.config.echo_timeout):
-                await waiter
+            with reader.eager() if reader is not None else contextlib.nullcontext():
+                await client.publish(self._echo_topic, token, qos=0)
+                async with asyncio.timeout(self.config.echo_timeout):
+                    await waiter
         except (TimeoutError, aiomqtt.MqttError):
             return None
         finally:

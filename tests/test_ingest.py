@@ -7,7 +7,7 @@ import asyncio
 import mqtt5
 
 from orchestrator import ingest
-from orchestrator.ingest import _Batch, _Protocol
+from orchestrator.ingest import PulseReader, _Batch, _Protocol
 
 
 class FakeTransport(asyncio.Transport):
@@ -78,10 +78,10 @@ def test_a_small_read_pauses_reading_and_resumes_after_the_coalescing_delay() ->
 def test_a_large_read_does_not_pause_reading() -> None:
     async def check() -> None:
         protocol, transport, topics = connected()
-        data = pulse_packets(1000)
+        data = pulse_packets(4000)
         assert len(data) >= ingest._COALESCE_BYTES
         protocol.data_received(data)
-        assert (transport.pauses, len(topics)) == (0, 1000)
+        assert (transport.pauses, len(topics)) == (0, 4000)
 
     asyncio.run(check())
 
@@ -92,5 +92,32 @@ def test_reading_is_not_paused_while_our_publishes_await_their_acknowledgements(
         protocol.inflight[1] = _Batch(asyncio.get_running_loop().create_future())
         protocol.data_received(pulse_packets(2))
         assert transport.pauses == 0
+
+    asyncio.run(check())
+
+
+def test_reading_is_not_paused_while_the_reader_is_eager() -> None:
+    async def check() -> None:
+        protocol, transport, _ = connected()
+        protocol.eager = 1
+        protocol.data_received(pulse_packets(2))
+        assert transport.pauses == 0
+
+    asyncio.run(check())
+
+
+def test_turning_eager_resumes_a_paused_read_at_once_and_pauses_again_after() -> None:
+    async def check() -> None:
+        protocol, transport, _ = connected()
+        reader = PulseReader(host="127.0.0.1", port=1, topic_filters=[], sink=protocol.sink, client_id="t")
+        reader._protocol = protocol
+        protocol.data_received(pulse_packets(2))
+        assert not transport.reading
+        with reader.eager():
+            assert transport.reading
+            protocol.data_received(pulse_packets(2))
+            assert transport.reading
+        protocol.data_received(pulse_packets(2))
+        assert not transport.reading
 
     asyncio.run(check())

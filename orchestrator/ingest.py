@@ -337,6 +337,7 @@ class PulseReader:
                     raise PulseReaderError("the pulse connection closed while publishing")
                 transport.write(b"".join(chunk))
                 chunk.clear()
+                protocol._resume_reading()  # their PUBACKs are read at once, not after a coalescing pause
                 if not exhausted:
                     await asyncio.sleep(0)  # let pulses in between bursts
         batch.written = True

@@ -28,6 +28,9 @@ class FakeTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return False
 
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
 
 def pulse_packets(n: int) -> bytes:
     return b"".join(
@@ -119,5 +122,21 @@ def test_turning_eager_resumes_a_paused_read_at_once_and_pauses_again_after() ->
             assert transport.reading
         protocol.data_received(pulse_packets(2))
         assert not transport.reading
+
+    asyncio.run(check())
+
+
+def test_publishing_resumes_a_paused_read_so_acknowledgements_come_at_once() -> None:
+    async def check() -> None:
+        protocol, transport, _ = connected()
+        protocol.window = 20
+        reader = PulseReader(host="127.0.0.1", port=1, topic_filters=[], sink=protocol.sink, client_id="t")
+        reader._protocol = protocol
+        protocol.data_received(pulse_packets(2))
+        assert not transport.reading
+        sending = asyncio.create_task(reader.publish([("heartbeat/v1/alerts", b"{}", False)]))
+        await asyncio.sleep(0)
+        assert transport.reading
+        sending.cancel()
 
     asyncio.run(check())

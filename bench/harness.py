@@ -90,12 +90,12 @@ def wait_idle(pid: int, *, below: float = 0.15, hold: float = 1.0, timeout: floa
     return time.monotonic() - start
 
 
-def wait_settled(pid: int, observer: Observer, timeout: float = 600.0) -> float:
+def wait_settled(pid: int, observer: Observer, timeout: float = 600.0, *, hold: float = 1.0) -> float:
     """Wait until start-up work is done: the status refresh after connecting (paced, about
     10,000 statuses a second, so a light load ``wait_idle`` alone takes for idle), then idle."""
     start = time.monotonic()
     observer.wait(lambda o: o.stats.get("refresh_pending", 0) == 0 and o.stats_at > start, timeout)
-    wait_idle(pid, timeout=max(1.0, timeout - (time.monotonic() - start)))
+    wait_idle(pid, hold=hold, timeout=max(1.0, timeout - (time.monotonic() - start)))
     return time.monotonic() - start
 
 

@@ -21,13 +21,13 @@ from ..load import LoadProcess
 from ..search import search
 
 LADDER = [2_000, 4_000, 8_000, 12_000, 16_000, 24_000, 32_000, 48_000, 64_000]
-QUICK_LADDER = [4_000, 12_000]
+QUICK_LADDER = [12_000]
 
 
 def run(ctx: Context) -> Result:
     result = Result("embedded")
     n = 10_000 if ctx.quick else 100_000
-    window = 1.5 if ctx.quick else 30.0
+    window = 1.0 if ctx.quick else 30.0
     with bench("embedded") as b:
         port = free_port()
         broker = subprocess.Popen(  # it stops when its stdin closes
@@ -59,7 +59,7 @@ def run(ctx: Context) -> Result:
         with LoadProcess(port, n) as load:
             load.run(rate=min(20_000, 2 * n), count=n)
             observer.wait(lambda o: o.stats.get("pulses", 0) >= n, 120)
-            wait_settled(orch.pid, observer)
+            wait_settled(orch.pid, observer, hold=ctx.idle_hold)
 
             def check() -> str:
                 dead = observer.stats.get("states", {}).get("dead", 0)

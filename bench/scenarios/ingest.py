@@ -50,8 +50,8 @@ def orchestrator_search(
     load.run(rate=min(50_000, n * 2), count=n)
     if not observer.wait(lambda o: o.stats.get("pulses", 0) >= n, 120):
         raise RuntimeError(f"warm-up pulses not all counted: {observer.stats}")
-    wait_settled(orch.pid, observer)
-    splits["orchestrator"] = cpu_split(b, load, OrchestratorCounter(observer), orch.pid, 1.0 if ctx.quick else 5.0)
+    wait_settled(orch.pid, observer, hold=ctx.idle_hold)
+    splits["orchestrator"] = cpu_split(b, load, OrchestratorCounter(observer), orch.pid, 0.5 if ctx.quick else 5.0)
 
     def check() -> str:
         dead = observer.stats.get("states", {}).get("dead", 0)
@@ -66,8 +66,8 @@ def orchestrator_search(
 def run(ctx: Context) -> Result:
     result = Result("ingest")
     n = 10_000 if ctx.quick else 100_000
-    window = 1.5 if ctx.quick else 30.0
-    split_s = 1.0 if ctx.quick else 5.0
+    window = 1.0 if ctx.quick else 30.0
+    split_s = 0.5 if ctx.quick else 5.0
     splits: dict[str, dict[str, float]] = {}
     with bench("ingest") as b, LoadProcess(b.port, n) as load:
         paho = PahoSubscriber(b.port)

@@ -1,6 +1,6 @@
 """``latency``: how late a dead verdict is, past the deadline, under load.
 
-Runtimes have interval 2 s and grace 1 s and pulse round-robin, so at a rate
+Runtimes have interval 2 s and grace 1 s (quick: 1 s and 0.5 s) and pulse round-robin, so at a rate
 of half the ``ingest`` result (quick: 5,000/s) there are rate x 2 of them.
 After a warm-up, 1 % of them stop at random moments over a stop window. For
 each, deadline = the generator's send time of its last pulse + interval +
@@ -35,16 +35,17 @@ def run(ctx: Context) -> Result:
         rate = int(ingest // 2) if ingest else 50_000
         if not ingest:
             result.notes.append("ingest not run (or held nothing): 50,000/s assumed")
-    n = int(rate * INTERVAL)
-    warmup = INTERVAL + GRACE + 1.0
-    stop_window = 1.5 if ctx.quick else 10.0
-    total = warmup + stop_window + INTERVAL + GRACE + 1.0
+    interval, grace = (1.0, 0.5) if ctx.quick else (INTERVAL, GRACE)
+    n = int(rate * interval)
+    warmup = interval + grace + 1.0
+    stop_window = 1.0 if ctx.quick else 10.0
+    total = warmup + stop_window + interval + grace + 1.0
     rng = random.Random(42)
     stopped = rng.sample(range(n), max(1, n // 100))
     stops = {i: warmup + rng.uniform(0, stop_window) for i in stopped}
     with bench("latency") as b, LoadProcess(b.port, n) as load:
         observer = b.observer(alerts=True)
-        start_ready(b, b.seed(n, interval=INTERVAL, grace=GRACE), observer)
+        start_ready(b, b.seed(n, interval=interval, grace=grace), observer)
         report = load.run(rate=rate, count=int(rate * total), stops=stops, batch=1000, tick=0.002)
         ids = {runtime_id(i): i for i in stopped}
         observer.wait(lambda o: len({a.id for a in o.dead_alerts()} & ids.keys()) >= len(ids), 15)
@@ -53,7 +54,7 @@ def run(ctx: Context) -> Result:
     first: dict[str, float] = {}
     for alert in alerts:
         first.setdefault(alert.id, alert.at)
-    deadlines = {rid: report.last_sent[i] + INTERVAL + GRACE for rid, i in ids.items() if rid in first}
+    deadlines = {rid: report.last_sent[i] + interval + grace for rid, i in ids.items() if rid in first}
     lateness = [(first[rid] - deadline) * 1000 for rid, deadline in deadlines.items()]
     t0 = min(deadlines.values(), default=0.0)
     worst_few = sorted(((first[rid] - d) * 1000, d - t0) for rid, d in deadlines.items())[-10:]
@@ -76,7 +77,7 @@ def run(ctx: Context) -> Result:
         worst=[f"{ms:.0f} ms at +{at:.2f} s" for ms, at in reversed(worst_few)],
     )
     result.notes.append(
-        f"{n:,} runtimes (interval {INTERVAL:g} s, grace {GRACE:g} s) at {rate:,}/s; {len(ids)} stopped over "
+        f"{n:,} runtimes (interval {interval:g} s, grace {grace:g} s) at {rate:,}/s; {len(ids)} stopped over "
         f"{stop_window:g} s; {missing} verdicts missing; earliest {min(lateness) if lateness else 0:.1f} ms"
     )
     return result

@@ -27,7 +27,7 @@ def run(ctx: Context) -> Result:
     interval, grace = (2.0, 1.0) if ctx.quick else (INTERVAL, GRACE)
     rate = int(n / interval)
     warmup = interval + grace + 1.0
-    after = interval + grace + 4.0
+    after = interval + grace + (1.5 if ctx.quick else 4.0)
     stopped = random.Random(7).sample(range(n), n // 10)
     with bench("mass_death") as b, LoadProcess(b.port, n) as load:
         observer = b.observer(alerts=True, status=True)

@@ -17,17 +17,17 @@ def run(ctx: Context) -> Result:
     with bench("memory") as b:
         observer = b.observer()
         orch, _ = start_ready(b, b.seed(0, interval=60, grace=60, name="empty.db"), observer)
-        wait_idle(orch.pid, hold=0.5)
+        wait_idle(orch.pid, hold=ctx.idle_hold)
         rss_empty = rss_bytes(orch.pid)
         orch.stop()
         orch, _ = start_ready(b, b.seed(n, interval=60, grace=60), observer)
-        wait_idle(orch.pid, hold=0.5)
+        wait_idle(orch.pid, hold=ctx.idle_hold)
         rss_loaded = rss_bytes(orch.pid)
         base = observer.fresh_stats()["pulses"]
         with LoadProcess(b.port, n, connections=1) as load:
             load.run(rate=min(50_000, 5 * n), count=n)
         observer.wait(lambda o: o.stats.get("pulses", 0) >= base + n, 60)
-        wait_settled(orch.pid, observer)
+        wait_settled(orch.pid, observer, hold=ctx.idle_hold)
         rss_full = rss_bytes(orch.pid)
         alive = observer.fresh_stats()["states"]["alive"]
         orch.stop()

@@ -1,6 +1,6 @@
 """``scaling``: orchestrator CPU per pulse at a fixed rate, by number of registered runtimes.
 
-1,000 / 100,000 / 1,000,000 runtimes (quick 1,000 / 10,000 / 30,000),
+1,000 / 100,000 / 1,000,000 runtimes (quick 1,000 / 3,000 / 10,000),
 seeded alive (as after a restart) with interval = grace = 3600 s so no one
 dies, pulsing round-robin over all IDs at 20,000/s (quick 10,000/s) for 10 s
 (quick 1 s) once start-up has settled (including the paced status refresh
@@ -18,7 +18,7 @@ from ..load import LoadProcess
 
 def run(ctx: Context) -> Result:
     result = Result("scaling")
-    sizes = [1_000, 10_000, 30_000] if ctx.quick else [1_000, 100_000, 1_000_000]
+    sizes = [1_000, 3_000, 10_000] if ctx.quick else [1_000, 100_000, 1_000_000]
     rate = 10_000 if ctx.quick else 20_000
     window = 1.0 if ctx.quick else 10.0
     per: dict[str, float] = {}
@@ -26,7 +26,7 @@ def run(ctx: Context) -> Result:
         with bench(f"scaling-{n}") as b:
             observer = b.observer()
             orch, ready_s = start_ready(b, b.seed(n, interval=3600, grace=3600, alive=True), observer, timeout=600)
-            settle_s = wait_settled(orch.pid, observer)
+            settle_s = wait_settled(orch.pid, observer, hold=ctx.idle_hold)
             with LoadProcess(b.port, n, connections=1) as load:
                 load.run(rate=rate, count=min(n, rate))  # touch the path once before measuring
                 before = observer.fresh_stats()

@@ -1,9 +1,9 @@
 """``steady_writes``: database transactions per second while every runtime pulses normally.
 
-100,000 runtimes (quick 10,000), interval 5 s (quick 2 s), grace = interval,
+100,000 runtimes (quick 10,000), interval 5 s (quick 1 s), grace = interval,
 pulsing round-robin at n / interval per second; after a warm-up of one
 interval plus the first flush, the stats counter ``db_transactions`` is read
-at the start and end of a 20 s (quick 5 s) window (flush_interval 5 s).
+at the start and end of a 20 s (quick 2 s) window (flush_interval 5 s).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def run(ctx: Context) -> Result:
     result = Result("steady_writes")
     n = 10_000 if ctx.quick else 100_000
     interval = 1.0 if ctx.quick else 5.0
-    window = 3.0 if ctx.quick else 20.0
+    window = 2.0 if ctx.quick else 20.0
     warmup = interval + (1.0 if ctx.quick else 6.0)
     rate = int(n / interval)
     with bench("steady") as b, LoadProcess(b.port, n, connections=1) as load:

@@ -4,7 +4,7 @@ The orchestrator runs without ``--broker`` (``--listen 127.0.0.1:PORT``): it
 starts the amqtt broker as its child process and, amqtt speaking MQTT 3.1.1
 only, pulses ride its general client. The baseline is a bare paho subscriber
 on the same broker process started alone (``python -m orchestrator.broker``,
-the very command the orchestrator runs). 100,000 runtimes (quick 10,000),
+the very command the orchestrator runs). 100,000 runtimes (quick 5,000),
 interval = grace = 3600 s.
 """
 
@@ -26,8 +26,8 @@ QUICK_LADDER = [12_000]
 
 def run(ctx: Context) -> Result:
     result = Result("embedded")
-    n = 10_000 if ctx.quick else 100_000
-    window = 1.0 if ctx.quick else 30.0
+    n = 5_000 if ctx.quick else 100_000
+    window = 0.5 if ctx.quick else 30.0
     with bench("embedded") as b:
         port = free_port()
         broker = subprocess.Popen(  # it stops when its stdin closes

@@ -65,8 +65,8 @@ def orchestrator_search(
 
 def run(ctx: Context) -> Result:
     result = Result("ingest")
-    n = 10_000 if ctx.quick else 100_000
-    window = 1.0 if ctx.quick else 30.0
+    n = 5_000 if ctx.quick else 100_000
+    window = 0.5 if ctx.quick else 30.0
     split_s = 0.5 if ctx.quick else 5.0
     splits: dict[str, dict[str, float]] = {}
     with bench("ingest") as b, LoadProcess(b.port, n) as load:

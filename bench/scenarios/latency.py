@@ -37,9 +37,10 @@ def run(ctx: Context) -> Result:
             result.notes.append("ingest not run (or held nothing): 50,000/s assumed")
     interval, grace = (1.0, 0.5) if ctx.quick else (INTERVAL, GRACE)
     n = int(rate * interval)
-    warmup = interval + grace + 1.0
-    stop_window = 1.0 if ctx.quick else 10.0
-    total = warmup + stop_window + interval + grace + 1.0
+    margin = 0.5 if ctx.quick else 1.0
+    warmup = interval + grace + margin
+    stop_window = 0.5 if ctx.quick else 10.0
+    total = warmup + stop_window + interval + grace + margin
     rng = random.Random(42)
     stopped = rng.sample(range(n), max(1, n // 100))
     stops = {i: warmup + rng.uniform(0, stop_window) for i in stopped}

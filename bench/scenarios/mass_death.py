@@ -1,6 +1,6 @@
 """``mass_death``: 10 % of the runtimes stop at the same moment.
 
-100,000 runtimes (quick 10,000), interval 5 s, grace 1 s (quick 2 s, 1 s), pulsing
+100,000 runtimes (quick 10,000), interval 5 s, grace 1 s (quick 1 s, 0.5 s), pulsing
 round-robin. After a warm-up, 10 % stop at once. Measured from the last of
 their deadlines (the generator's send time of each one's last pulse +
 interval + grace) until every verdict is (a) in the database (read-only
@@ -24,7 +24,7 @@ INTERVAL, GRACE = 5.0, 1.0
 def run(ctx: Context) -> Result:
     result = Result("mass_death")
     n = 10_000 if ctx.quick else 100_000
-    interval, grace = (2.0, 1.0) if ctx.quick else (INTERVAL, GRACE)
+    interval, grace = (1.0, 0.5) if ctx.quick else (INTERVAL, GRACE)
     rate = int(n / interval)
     warmup = interval + grace + 1.0
     after = interval + grace + (1.5 if ctx.quick else 4.0)

@@ -13,7 +13,7 @@ from ..load import LoadProcess
 
 def run(ctx: Context) -> Result:
     result = Result("memory")
-    n = 10_000 if ctx.quick else 100_000
+    n = 5_000 if ctx.quick else 100_000
     with bench("memory") as b:
         observer = b.observer()
         orch, _ = start_ready(b, b.seed(0, interval=60, grace=60, name="empty.db"), observer)

@@ -25,7 +25,7 @@ def run(ctx: Context) -> Result:
     with bench("steady") as b, LoadProcess(b.port, n, connections=1) as load:
         observer = b.observer(alerts=True)
         start_ready(b, b.seed(n, interval=interval, grace=interval), observer)
-        load.start(rate=rate, count=int(rate * (warmup + window + 2)))
+        load.start(rate=rate, count=int(rate * (warmup + window + (0.5 if ctx.quick else 2.0))))
         time.sleep(warmup)
         first = observer.fresh_stats()
         time.sleep(window)

@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench",
         description="Benchmark the heartbeat orchestrator at scale (own Mosquitto on a free loopback port, SQLite).",
     )
-    parser.add_argument("--quick", action="store_true", help="reduced sizes and windows (under a minute; for checking that every figure comes out)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced sizes and windows (under a minute; for checking that every figure comes out)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per scenario per line on stdout")
     parser.add_argument(
         "--scenario", action="append", choices=SCENARIOS, metavar="NAME", help=f"run only these: {', '.join(SCENARIOS)}"

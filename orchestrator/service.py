@@ -30,7 +30,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -942,35 +942,12 @@ class Orchestrator:
             self.stats["conflicts.recorded_elsewhere"] += len(lost)
 
     async def _publish_due(self, client: aiomqtt.Client) -> None:
-        """Publish the statuses and alerts that are due, in order; mark the alerts notified."""
+        """Publish the alerts, then the statuses, that are due; mark the alerts notified."""
         due, self._status_due = self._status_due, set()
         alerts, self._unsent_alerts = self._unsent_alerts, []
-        reader = self._pulse_reader
-        if reader is not None:
-            await self._publish_lean(reader, due, alerts)
-            return
-        publishes = [self._publish_status(client, rid) for rid in due]
-        publishes += [self._publish_alert(client, f) for f in alerts]
-        try:
-            for start in range(0, len(publishes), 1000):
-                await asyncio.gather(*publishes[start : start + 1000])
-        except BaseException:
-            # Not sent (already committed): keep it for the next connection, ahead of anything newer.
-            for coro in publishes:
-                if asyncio.iscoroutine(coro):
-                    coro.close()
-            self._unsent_alerts = alerts + self._unsent_alerts
-            self._status_due |= due
-            raise
-        self.stats["alerts"] += len(alerts)
-        for f in alerts:
-            self._confirm(f.key)
-
-    async def _publish_lean(self, reader: PulseReader, due: set[str], alerts: list[FlipRow]) -> None:
-        """Alerts, then statuses, on the lean connection; each counts as sent once the broker PUBACKed it."""
         try:
             if alerts:
-                await reader.publish(self._alert_message(f) for f in alerts)
+                await self._send(client, (self._alert_message(f) for f in alerts))
         except BaseException:
             # Not sent (already committed): keep it for the next connection, ahead of anything newer.
             self._unsent_alerts = alerts + self._unsent_alerts
@@ -981,9 +958,29 @@ class Orchestrator:
             self._confirm(f.key)
         try:
             if due:
-                await reader.publish(self._status_message(rid) for rid in due)
+                await self._send(client, (self._status_message(rid) for rid in due))
         except BaseException:
             self._status_due |= due
+            raise
+
+    async def _send(self, client: aiomqtt.Client, messages: Iterable[Message]) -> None:
+        """Publish at QoS 1 and return once the broker has every one; raises if the connection breaks first.
+
+        On the lean connection when there is one (a few µs each, paced
+        between pulses), else on the general client, 1,000 at a time.
+        """
+        reader = self._pulse_reader
+        if reader is not None:
+            await reader.publish(messages)
+            return
+        publishes = [client.publish(topic, payload, qos=1, retain=retain) for topic, payload, retain in messages]
+        try:
+            for start in range(0, len(publishes), 1000):
+                await asyncio.gather(*publishes[start : start + 1000])
+        except BaseException:
+            for coro in publishes:  # those never started must not warn that they were never awaited
+                if asyncio.iscoroutine(coro):
+                    coro.close()
             raise
 
     def _queue_alerts(self, flips: list[FlipRow]) -> None:
@@ -1054,12 +1051,8 @@ class Orchestrator:
                 self._refresh_queued.difference_update(batch)
             else:
                 self._refresh_queued = set()  # a set never shrinks: drop the one that held them all
-            reader = self._pulse_reader
             try:
-                if reader is not None:
-                    await reader.publish(self._status_message(rid) for rid in batch)
-                else:
-                    await asyncio.gather(*(self._publish_status(client, rid) for rid in batch))
+                await self._send(client, (self._status_message(rid) for rid in batch))
             except (aiomqtt.MqttError, PulseReaderError):
                 for rid in reversed(batch):
                     if rid not in self._refresh_queued:
@@ -1097,14 +1090,6 @@ class Orchestrator:
         assert f.event is not None
         payload = protocol.encode_alert(f.event, f.runtime_id, at=f.at, last_seen=f.last_seen, reason=f.reason)
         return self.topics.alerts, payload, False
-
-    def _publish_status(self, client: aiomqtt.Client, runtime_id: str) -> Awaitable[None]:
-        topic, payload, retain = self._status_message(runtime_id)
-        return client.publish(topic, payload, qos=1, retain=retain)
-
-    def _publish_alert(self, client: aiomqtt.Client, f: FlipRow) -> Awaitable[None]:
-        topic, payload, retain = self._alert_message(f)
-        return client.publish(topic, payload, qos=1, retain=retain)
 
     # --- writer: the database thread's queue --------------------------------
 
@@ -1416,9 +1401,9 @@ class Orchestrator:
         topics = (self.topics.interval(runtime_id), self.topics.state(runtime_id))
         for topic in topics:
             self._cleared[topic] = now + _CLEAR_ECHO
+        clears = [self._status_message(runtime_id), *((topic, b"", True) for topic in topics)]
         await asyncio.gather(
-            self._publish_status(client, runtime_id),
-            *(client.publish(topic, b"", qos=1, retain=True) for topic in topics),
+            *(client.publish(topic, payload, qos=1, retain=retain) for topic, payload, retain in clears)
         )
 
     def _our_clear(self, topic: str, now: float) -> bool:

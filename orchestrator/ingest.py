@@ -151,9 +151,10 @@ class _Protocol(asyncio.Protocol):
         if len(data) < _COALESCE_BYTES and not self.inflight and not self.eager and self.transport is not None:
             # A few packets per read: let the socket gather more before the next one (see _COALESCE_DELAY).
             self.transport.pause_reading()
-            asyncio.get_running_loop().call_later(_COALESCE_DELAY, self._resume_reading)
+            asyncio.get_running_loop().call_later(_COALESCE_DELAY, self.resume_reading)
 
-    def _resume_reading(self) -> None:
+    def resume_reading(self) -> None:
+        """End a coalescing pause now (a timer does it otherwise); nothing if the connection is closing."""
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.resume_reading()
@@ -290,11 +291,6 @@ class PulseReader:
         self._pinger = asyncio.create_task(self._ping())
         return self
 
-    @property
-    def window(self) -> int:
-        """QoS 1 publishes allowed in flight on this connection."""
-        return self._protocol.window if self._protocol else 0
-
     async def publish(self, messages: Iterable[Message], *, burst: int = _BURST) -> int:
         """Publish every ``(topic, payload, retain)`` at QoS 1; return once the broker acknowledged all.
 
@@ -337,7 +333,7 @@ class PulseReader:
                     raise PulseReaderError("the pulse connection closed while publishing")
                 transport.write(b"".join(chunk))
                 chunk.clear()
-                protocol._resume_reading()  # their PUBACKs are read at once, not after a coalescing pause
+                protocol.resume_reading()  # their PUBACKs are read at once, not after a coalescing pause
                 if not exhausted:
                     await asyncio.sleep(0)  # let pulses in between bursts
         batch.written = True
@@ -356,7 +352,7 @@ class PulseReader:
             yield
             return
         protocol.eager += 1
-        protocol._resume_reading()
+        protocol.resume_reading()
         try:
             yield
         finally:

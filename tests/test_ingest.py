@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import mqtt5
+import pytest
 
 from orchestrator import ingest
 from orchestrator.ingest import PulseReader, _Batch, _Protocol
@@ -89,20 +91,21 @@ def test_a_large_read_does_not_pause_reading() -> None:
     asyncio.run(check())
 
 
-def test_reading_is_not_paused_while_our_publishes_await_their_acknowledgements() -> None:
+def publish_in_flight(protocol: _Protocol) -> None:
+    protocol.inflight[1] = _Batch(asyncio.get_running_loop().create_future())
+
+
+def reader_eager(protocol: _Protocol) -> None:
+    protocol.eager = 1
+
+
+@pytest.mark.parametrize("condition", [publish_in_flight, reader_eager])
+def test_reading_is_not_paused_while_an_answer_is_awaited(condition: Callable[[_Protocol], None]) -> None:
+    """Our publishes' PUBACKs and the watcher's echo are read at once."""
+
     async def check() -> None:
         protocol, transport, _ = connected()
-        protocol.inflight[1] = _Batch(asyncio.get_running_loop().create_future())
-        protocol.data_received(pulse_packets(2))
-        assert transport.pauses == 0
-
-    asyncio.run(check())
-
-
-def test_reading_is_not_paused_while_the_reader_is_eager() -> None:
-    async def check() -> None:
-        protocol, transport, _ = connected()
-        protocol.eager = 1
+        condition(protocol)
         protocol.data_received(pulse_packets(2))
         assert transport.pauses == 0
 

@@ -70,6 +70,14 @@ def settle(consumer: Consumer, quiet: float, timeout: float = 90.0) -> None:
             return
 
 
+def wait_counted(consumer: Consumer, target: int, timeout: float) -> None:
+    """Wait (at most ``timeout`` s) until the consumer has counted ``target``, nudging its buffered counts out."""
+    deadline = time.monotonic() + timeout
+    while consumer.count() < target and time.monotonic() < deadline:
+        consumer.nudge()
+        time.sleep(0.02)
+
+
 def step(
     load: LoadProcess,
     consumer: Consumer,
@@ -84,9 +92,7 @@ def step(
     base = consumer.count()
     report = load.run(rate=rate, count=int(rate * window), offset=offset)
     end = time.monotonic()
-    while consumer.count() - base < report.sent and time.monotonic() - end < drain:
-        consumer.nudge()
-        time.sleep(0.02)
+    wait_counted(consumer, base + report.sent, drain)
     received = consumer.count() - base
     drain_s = time.monotonic() - end
     why = ""

@@ -28,6 +28,7 @@ def run(ctx: Context) -> Result:
     result = Result("embedded")
     n = 5_000 if ctx.quick else 100_000
     window = 0.5 if ctx.quick else 30.0
+    ladder = QUICK_LADDER if ctx.quick else LADDER
     with bench("embedded") as b:
         port = free_port()
         broker = subprocess.Popen(  # it stops when its stdin closes
@@ -42,9 +43,7 @@ def run(ctx: Context) -> Result:
             paho = PahoSubscriber(port)
             try:
                 with LoadProcess(port, n) as load:
-                    baseline = search(
-                        load, paho, quick=ctx.quick, window=window, ladder=QUICK_LADDER if ctx.quick else LADDER
-                    )
+                    baseline = search(load, paho, quick=ctx.quick, window=window, ladder=ladder)
             finally:
                 paho.close()
         finally:
@@ -72,7 +71,7 @@ def run(ctx: Context) -> Result:
                 window=window,
                 quiet=1.2,
                 check=check,
-                ladder=QUICK_LADDER if ctx.quick else LADDER,
+                ladder=ladder,
             )
         ctx.say(f"orchestrator on amqtt: {found.best:,}/s ({found.summary()})")
     ratio = found.best / baseline.best if baseline.best else 0.0

@@ -16,27 +16,23 @@ the machine's two cores went.
 from __future__ import annotations
 
 import os
-import time
 
 from ..consumers import Consumer, MosquittoSub, OrchestratorCounter, PahoSubscriber
 from ..context import Context
 from ..harness import Bench, Result, bench, cpu_seconds, start_ready, wait_settled
 from ..load import LoadProcess
-from ..search import SearchResult, search
+from ..search import SearchResult, search, wait_counted
 
 SPLIT_RATE = 100_000
 
 
-def cpu_split(b: Bench, load: LoadProcess, consumer: Consumer, pid: int, seconds: float) -> dict[str, float]:
+def cpu_split(b: Bench, load: LoadProcess, consumer: Consumer, consumer_pid: int, seconds: float) -> dict[str, float]:
     """µs of CPU per pulse of Mosquitto, the consumer and this process to carry ``SPLIT_RATE`` pulses/s."""
-    pids = {"mosquitto": b.mosquitto.process.pid, "consumer": pid, "bench": os.getpid()}
+    pids = {"mosquitto": b.mosquitto.process.pid, "consumer": consumer_pid, "bench": os.getpid()}
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     base = consumer.count()
     report = load.run(rate=SPLIT_RATE, count=int(SPLIT_RATE * seconds))
-    deadline = time.monotonic() + 30
-    while consumer.count() - base < report.sent and time.monotonic() < deadline:  # until all were taken in
-        consumer.nudge()
-        time.sleep(0.02)
+    wait_counted(consumer, base + report.sent, 30)  # until all were taken in
     return {name: round((cpu_seconds(pid) - before[name]) / report.sent * 1e6, 2) for name, pid in pids.items()}
 
 

@@ -56,9 +56,10 @@ def run(ctx: Context) -> Result:
     for alert in alerts:
         first.setdefault(alert.id, alert.at)
     deadlines = {rid: report.last_sent[i] + interval + grace for rid, i in ids.items() if rid in first}
-    lateness = [(first[rid] - deadline) * 1000 for rid, deadline in deadlines.items()]
     t0 = min(deadlines.values(), default=0.0)
-    worst_few = sorted(((first[rid] - d) * 1000, d - t0) for rid, d in deadlines.items())[-10:]
+    late = sorted(((first[rid] - d) * 1000, d - t0) for rid, d in deadlines.items())  # (ms late, deadline at)
+    lateness = [ms for ms, _ in late]
+    worst_few = late[-10:]
     missing = len(ids) - len(lateness)
     false_dead = len([rid for rid in first if rid not in ids])
     p50 = percentile(lateness, 50) if lateness else float("nan")

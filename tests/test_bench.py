@@ -59,3 +59,23 @@ def test_quick_bench_prints_every_scenario_with_its_keys() -> None:
         missing = KEYS[name] - doc.keys()
         assert not missing, f"{name} did not print {sorted(missing)}"
         assert set(doc["targets"]) <= doc.keys()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_broker_cost_prints_the_brokers_share_for_one_consumer() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.broker_cost", "mosquitto_sub", "20000", "3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mosquitto_sub at 20,000/s" in done.stdout
+    assert "all received" in done.stdout, done.stdout
+    for figure in ("µs/pulse", "reads and", "bytes per TCP segment", "bytes retransmitted", "consumer:"):
+        assert figure in done.stdout, done.stdout

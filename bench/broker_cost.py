@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .consumers import Consumer, MosquittoSub, OrchestratorCounter, PahoSubscriber
-from .harness import Bench, bench, cpu_seconds, raise_nofile, start_ready, wait_settled
+from .context import Context
+from .harness import Bench, bench, cpu_seconds, raise_nofile
 from .load import LoadProcess
+from .scenarios.ingest import start_warm
 from .search import wait_counted
 
 RUNTIMES = 100_000
@@ -71,13 +73,7 @@ def _consumer(kind: str, b: Bench, load: LoadProcess) -> tuple[Consumer, int]:
         paho = PahoSubscriber(b.port)
         assert paho.process.pid is not None
         return paho, paho.process.pid
-    db = b.seed(RUNTIMES, interval=3600, grace=3600)
-    observer = b.observer()
-    orch, _ = start_ready(b, db, observer)
-    load.run(rate=50_000, count=RUNTIMES)  # the unknown -> alive wave, out of the way
-    if not observer.wait(lambda o: o.stats.get("pulses", 0) >= RUNTIMES, 120):
-        raise RuntimeError("warm-up pulses not all counted")
-    wait_settled(orch.pid, observer)
+    orch, observer = start_warm(Context(quick=False), b, load, RUNTIMES)
     return OrchestratorCounter(observer), orch.pid
 
 

@@ -32,22 +32,27 @@ KEYS = {
 }
 
 
+def _run(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` from the checkout, output captured."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_quick_bench_prints_every_scenario_with_its_keys() -> None:
     from bench.__main__ import SCENARIOS
 
     assert set(SCENARIOS) == set(KEYS), "a new scenario needs its keys listed here"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
-    )
+    done = _run("bench", "--quick", "--json", timeout=540)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {}
     for line in done.stdout.splitlines():
@@ -64,16 +69,7 @@ def test_quick_bench_prints_every_scenario_with_its_keys() -> None:
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_broker_cost_prints_the_brokers_share_for_one_consumer() -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.broker_cost", "mosquitto_sub", "20000", "3"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-    )
+    done = _run("bench.broker_cost", "mosquitto_sub", "20000", "3", timeout=100)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mosquitto_sub at 20,000/s" in done.stdout
     assert "all received" in done.stdout, done.stdout

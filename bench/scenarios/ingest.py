@@ -19,7 +19,7 @@ import os
 
 from ..consumers import Consumer, MosquittoSub, OrchestratorCounter, PahoSubscriber
 from ..context import Context
-from ..harness import Bench, Result, bench, cpu_seconds, start_ready, wait_settled
+from ..harness import Bench, Observer, Orchestrator, Result, bench, cpu_seconds, start_ready, wait_settled
 from ..load import LoadProcess
 from ..search import SearchResult, search, wait_counted
 
@@ -36,9 +36,11 @@ def cpu_split(b: Bench, load: LoadProcess, consumer: Consumer, consumer_pid: int
     return {name: round((cpu_seconds(pid) - before[name]) / report.sent * 1e6, 2) for name, pid in pids.items()}
 
 
-def orchestrator_search(
-    ctx: Context, b: Bench, load: LoadProcess, n: int, window: float, splits: dict[str, dict[str, float]]
-) -> SearchResult:
+def start_warm(ctx: Context, b: Bench, load: LoadProcess, n: int) -> tuple[Orchestrator, Observer]:
+    """An orchestrator with ``n`` runtimes (interval = grace = 3600 s), each pulsed once and settled.
+
+    The unknown -> alive wave after the first pulses is start-up work, not ingest: it is done before measuring.
+    """
     db = b.seed(n, interval=3600, grace=3600)
     observer = b.observer(alerts=True)
     orch, ready_s = start_ready(b, db, observer)
@@ -47,6 +49,13 @@ def orchestrator_search(
     if not observer.wait(lambda o: o.stats.get("pulses", 0) >= n, 120):
         raise RuntimeError(f"warm-up pulses not all counted: {observer.stats}")
     wait_settled(orch.pid, observer, hold=ctx.idle_hold)
+    return orch, observer
+
+
+def orchestrator_search(
+    ctx: Context, b: Bench, load: LoadProcess, n: int, window: float, splits: dict[str, dict[str, float]]
+) -> SearchResult:
+    orch, observer = start_warm(ctx, b, load, n)
     splits["orchestrator"] = cpu_split(b, load, OrchestratorCounter(observer), orch.pid, 0.5 if ctx.quick else 5.0)
 
     def check() -> str:

@@ -92,7 +92,7 @@ class Config:
     """Before a verdict the orchestrator proves its link with a round trip through the broker;
     no echo within this many seconds means the link, not the runtimes, is down."""
     stall_threshold: float = 1.0
-    """A verdict this many seconds late means the process itself stalled: judge nobody for it."""
+    """The event loop stopped this long over a deadline means the process itself stalled: judge nobody for it."""
     stats_interval: float = 10.0
     """Seconds between publications of the counters on ``{prefix}/orchestrator/stats``."""
     outbox_lease: float = 10.0

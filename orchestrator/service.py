@@ -143,6 +143,7 @@ class Orchestrator:
         self._status_due: set[str] = set()
         self._outbox_wake = asyncio.Event()
         self._rearm = asyncio.Event()
+        self._sentinel_timer: asyncio.TimerHandle | None = None
         self._pending_flips: list[FlipRow] = []
         self._flip_waiters: list[asyncio.Future[set[str]]] = []
         self._flush_seen = False
@@ -261,9 +262,12 @@ class Orchestrator:
                     self.dispatcher.run,
                 )
             ]
+            self._sentinel(time.monotonic())
             try:
                 await self._connection_loop(stop)
             finally:
+                if self._sentinel_timer is not None:
+                    self._sentinel_timer.cancel()
                 await self.dispatcher.aclose(drain=2.0)
                 for task in workers:
                     task.cancel()
@@ -829,17 +833,37 @@ class Orchestrator:
 
     # --- watcher -------------------------------------------------------------
 
+    def _sentinel(self, planned: float) -> None:
+        """Notice this process stalling (paused, swapped, starved); runs every ``stall_threshold / 4``.
+
+        Pulses that arrived during a stall are still unread, so a deadline that
+        fell due meanwhile proves nothing: the watch starts afresh, as after a
+        reconnect. A plain callback, not a task: once the loop runs again it
+        fires in the same turn as the watcher's timer, before the watcher's
+        next step can judge, whatever the watcher was doing when it stopped.
+        """
+        now = time.monotonic()
+        late = now - planned
+        if late > self.config.stall_threshold:
+            self.stats["stalls"] += 1
+            deadline = self.detector.next_deadline()
+            if deadline is not None and deadline <= now and not self.detector.suspended:
+                log.warning("stalled for %.1f s: restarting the watch instead of judging", late)
+                self.detector.resume(now)
+                self._rearm.set()
+            else:
+                log.warning("stalled for %.1f s; nothing fell due meanwhile", late)
+        tick = self.config.stall_threshold / 4
+        self._sentinel_timer = asyncio.get_running_loop().call_later(tick, self._sentinel, now + tick)
+
     async def _watcher(self) -> None:
         """Sleep until the next deadline (or until re-armed), then collect verdicts.
 
-        Waking far later than planned means this process stalled (paused,
-        swapped, starved): pulses that arrived meanwhile are still unread, so
-        instead of judging, the watch starts afresh, as after a reconnect.
+        Own stalls are :meth:`_sentinel`'s to notice.
         """
         while True:
             deadline = self.detector.next_deadline()
             delay = None if deadline is None else max(0.0, deadline - time.monotonic())
-            planned = None if delay is None else time.monotonic() + delay  # a stale top entry is not a stall
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._rearm.wait()
@@ -850,13 +874,6 @@ class Orchestrator:
                 self._pending_wills.clear()
                 for transition in self.detector.expire(now):
                     self._emit(transition)
-                continue
-            if planned is not None and now - planned > self.config.stall_threshold:
-                self.stats["stalls"] += 1
-                log.warning("stalled for %.1f s: restarting the watch instead of judging", now - planned)
-                self.detector.resume(now)
-                if self._pending_wills:
-                    self._rearm.set()  # wills are news, not silence: still apply them
                 continue
             if self.detector.settle(now, _SETTLE_BUDGET):
                 await asyncio.sleep(0)  # more to re-arm: go on once the event loop has read what came meanwhile

@@ -393,3 +393,72 @@ def test_an_alerts_flips_are_written_alone_then_the_flush_goes_on(
     asyncio.run(flush_with_an_alert())
     assert stored_last_seen(orchestrator) == len(pulsed)
     assert orchestrator._seen_backlog is None
+
+
+# --- own stalls ------------------------------------------------------------------
+
+
+def sentinel_after(orchestrator: Orchestrator, stall: float) -> None:
+    """Run the stall sentinel once, as if the event loop had been deaf for ``stall`` seconds."""
+
+    async def late() -> None:
+        orchestrator._sentinel(time.monotonic() - stall)
+        assert orchestrator._sentinel_timer is not None
+        orchestrator._sentinel_timer.cancel()
+
+    asyncio.run(late())
+
+
+@pytest.fixture
+def overdue(orchestrator: Orchestrator) -> str:
+    """The ID of an alive runtime whose deadline (last seen + 0.2 s) passed 0.8 s ago; not suspended."""
+    orchestrator.detector.resume(time.monotonic() - 1.0)  # watching since before it registered
+    orchestrator.detector.register("rt-overdue", 0.1, 0.1, time.monotonic() - 1.0)
+    assert orchestrator.detector.overdue(time.monotonic())
+    return "rt-overdue"
+
+
+def test_a_stall_over_a_deadline_restarts_the_watch_instead_of_judging(
+    orchestrator: Orchestrator, overdue: str
+) -> None:
+    sentinel_after(orchestrator, 2.0)
+    assert orchestrator.stats["stalls"] == 1
+    assert orchestrator.detector.expire(time.monotonic() + 0.1) == []
+    deadline = orchestrator.detector.deadline(overdue)
+    assert deadline is not None and deadline > time.monotonic()
+
+
+def test_a_stall_shorter_than_the_threshold_changes_nothing(orchestrator: Orchestrator, overdue: str) -> None:
+    sentinel_after(orchestrator, 0.5)  # stall_threshold is 1 s
+    assert orchestrator.stats["stalls"] == 0
+    assert [t.runtime_id for t in orchestrator.detector.expire(time.monotonic())] == [overdue]
+
+
+def test_a_stall_over_no_deadline_is_counted_but_restarts_nothing(
+    orchestrator: Orchestrator, registered: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    deadline = orchestrator.detector.deadline(registered)  # 10 s away
+    with caplog.at_level(logging.WARNING):
+        sentinel_after(orchestrator, 2.0)
+    assert orchestrator.stats["stalls"] == 1
+    assert "nothing fell due" in caplog.text
+    assert orchestrator.detector.deadline(registered) == deadline
+
+
+def test_a_stall_while_cut_off_from_the_broker_keeps_the_detector_suspended(
+    orchestrator: Orchestrator, overdue: str
+) -> None:
+    orchestrator.detector.suspend()
+    sentinel_after(orchestrator, 2.0)
+    assert orchestrator.detector.suspended
+
+
+def test_a_blocked_event_loop_is_noticed_whatever_the_watcher_was_doing(orchestrator: Orchestrator) -> None:
+    async def block_the_loop() -> None:
+        async with running(orchestrator):
+            await until(lambda: orchestrator._sentinel_timer is not None)
+            time.sleep(1.5)  # noqa: ASYNC251 - the point: deaf for over stall_threshold (1 s), as under SIGSTOP
+            await asyncio.sleep(0.01)
+
+    asyncio.run(block_the_loop())
+    assert orchestrator.stats["stalls"] == 1

@@ -425,7 +425,8 @@ def test_a_stall_over_a_deadline_restarts_the_watch_instead_of_judging(
     assert orchestrator.stats["stalls"] == 1
     assert orchestrator.detector.expire(time.monotonic() + 0.1) == []
     deadline = orchestrator.detector.deadline(overdue)
-    assert deadline is not None and deadline > time.monotonic()
+    assert deadline is not None
+    assert deadline > time.monotonic()
 
 
 def test_a_stall_shorter_than_the_threshold_changes_nothing(orchestrator: Orchestrator, overdue: str) -> None:

@@ -117,6 +117,68 @@ class _CommandFailed(Exception):
     """A well-formed command that cannot be done (nothing to lift, not registered): the reply says why."""
 
 
+class _FlipQueue:
+    """Flips waiting for the writer, grouped by runtime, so a transaction takes O(its own size).
+
+    Flips that raise an alert go first, whole runtimes at a time (a runtime's
+    flips stay in order); the rest follow in order of arrival. With 278,000
+    runtimes the unknown -> alive wave after a start is 278,000 flips, and
+    splitting the whole queue at each 1,000-flip transaction took 13 % of the
+    event loop while verdicts waited.
+    """
+
+    def __init__(self) -> None:
+        self._by_runtime: dict[str, list[FlipRow]] = {}
+        self._order: collections.deque[str] = collections.deque()
+        """Runtime IDs in order of arrival; an ID whose flips were taken early is skipped when reached."""
+        self._urgent: dict[str, None] = {}
+        """IDs with a flip that raises an alert (an ordered set)."""
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def extend(self, flips: Iterable[FlipRow]) -> None:
+        by_runtime, n = self._by_runtime, 0
+        for f in flips:
+            n += 1
+            queued = by_runtime.get(f.runtime_id)
+            if queued is None:
+                by_runtime[f.runtime_id] = [f]
+                self._order.append(f.runtime_id)
+            else:
+                queued.append(f)
+            if f.event is not None:
+                self._urgent[f.runtime_id] = None
+        self._len += n
+
+    def take(self, limit: int | None) -> list[FlipRow]:
+        """The urgent runtimes' flips, then more up to about ``limit`` (None: all)."""
+        by_runtime, order = self._by_runtime, self._order
+        taken: list[FlipRow] = []
+        for runtime_id in self._urgent:
+            taken += by_runtime.pop(runtime_id, ())
+        self._urgent.clear()
+        while order and (limit is None or len(taken) < limit):
+            taken += by_runtime.pop(order.popleft(), ())
+        self._len -= len(taken)
+        return taken
+
+    def put_back(self, flips: list[FlipRow]) -> None:
+        """Return flips that were taken but not written, ahead of those queued since."""
+        groups: dict[str, list[FlipRow]] = {}
+        for f in flips:
+            groups.setdefault(f.runtime_id, []).append(f)
+        for runtime_id in reversed(groups):
+            group, queued = groups[runtime_id], self._by_runtime.get(runtime_id)
+            if queued is None:
+                self._order.appendleft(runtime_id)
+            self._by_runtime[runtime_id] = group if queued is None else group + queued
+            if any(f.event is not None for f in group):
+                self._urgent[runtime_id] = None
+        self._len += len(flips)
+
+
 class Orchestrator:
     """Watches every registered runtime; ``await run(stop)`` until ``stop`` is set."""
 
@@ -144,7 +206,7 @@ class Orchestrator:
         self._outbox_wake = asyncio.Event()
         self._rearm = asyncio.Event()
         self._sentinel_timer: asyncio.TimerHandle | None = None
-        self._pending_flips: list[FlipRow] = []
+        self._pending_flips = _FlipQueue()
         self._flip_waiters: list[asyncio.Future[set[str]]] = []
         self._flush_seen = False
         self._seen_taken: dict[str, float] = {}
@@ -1188,13 +1250,8 @@ class Orchestrator:
         has, the next one writes the alert's flips alone, and the flush goes
         on after. With no alerts, a flush is still one transaction.
         """
-        flips, self._pending_flips = self._pending_flips, []
-        if limit is not None and len(flips) > limit:
-            urgent = {f.runtime_id for f in flips if f.event is not None}
-            first = [f for f in flips if f.runtime_id in urgent]
-            rest = [f for f in flips if f.runtime_id not in urgent]
-            room = max(0, limit - len(first))
-            flips, self._pending_flips = first + rest[:room], rest[room:]
+        flips = self._pending_flips.take(limit)
+        if self._pending_flips:
             self._writer_wake.set()  # the rest in the next transaction
         self._alert_waiting.clear()  # those are taken; any set from here on is for the next transaction
         waiters, self._flip_waiters = self._flip_waiters, []
@@ -1230,7 +1287,7 @@ class Orchestrator:
         except Exception as exc:
             self._db_ok = False
             log.error("database write failed (%d transitions kept for retry): %s", len(flips), exc)
-            self._pending_flips[:0] = flips
+            self._pending_flips.put_back(flips)
             self._flip_waiters[:0] = waiters
             self._notified_keys |= marks
             if self._seen_backlog is not None:

@@ -19,7 +19,7 @@ import pytest
 
 from orchestrator.config import Config
 from orchestrator.detector import State
-from orchestrator.service import Orchestrator
+from orchestrator.service import Orchestrator, _FlipQueue
 from orchestrator.store import CHUNK, FlipRow
 from runtime_agent import protocol
 
@@ -463,3 +463,52 @@ def test_a_blocked_event_loop_is_noticed_whatever_the_watcher_was_doing(orchestr
 
     asyncio.run(block_the_loop())
     assert orchestrator.stats["stalls"] == 1
+
+
+# --- the writer's queue of flips --------------------------------------------------
+
+
+def flip(runtime_id: str, new: str, at: float) -> FlipRow:
+    """A flip to ``new``; one to ``dead`` raises an alert."""
+    return FlipRow(
+        runtime_id, "alive" if new == "dead" else "unknown", new, "dead" if new == "dead" else None, None, at, None
+    )
+
+
+@pytest.fixture
+def wave() -> _FlipQueue:
+    """A queue holding the unknown -> alive flips of rt-0 .. rt-4999, in that order."""
+    queue = _FlipQueue()
+    queue.extend(flip(f"rt-{i}", "alive", i) for i in range(5000))
+    return queue
+
+
+def test_flips_are_taken_in_order_of_arrival_up_to_the_limit(wave: _FlipQueue) -> None:
+    taken = wave.take(1000)
+    assert [f.runtime_id for f in taken] == [f"rt-{i}" for i in range(1000)]
+    assert len(wave) == 4000
+
+
+def test_a_runtime_with_an_alert_goes_first_with_all_its_flips_in_order(wave: _FlipQueue) -> None:
+    wave.extend([flip("rt-4000", "dead", 9000)])
+    taken = wave.take(1000)
+    assert [(f.runtime_id, f.new_state) for f in taken[:2]] == [("rt-4000", "alive"), ("rt-4000", "dead")]
+    assert [f.runtime_id for f in taken[2:]] == [f"rt-{i}" for i in range(998)]
+
+
+def test_a_runtime_taken_early_is_not_taken_again_when_its_turn_comes(wave: _FlipQueue) -> None:
+    wave.extend([flip("rt-10", "dead", 9000)])
+    everything = wave.take(1000) + wave.take(None)
+    assert len(everything) == 5001
+    assert len(wave) == 0
+    assert [f.new_state for f in everything if f.runtime_id == "rt-10"] == ["alive", "dead"]
+
+
+def test_flips_put_back_come_before_those_queued_since(wave: _FlipQueue) -> None:
+    taken = wave.take(2)
+    wave.extend([flip("rt-0", "dead", 9000)])
+    wave.put_back(taken)
+    again = wave.take(3)
+    assert [(f.runtime_id, f.new_state) for f in again[:2]] == [("rt-0", "alive"), ("rt-0", "dead")]
+    assert again[2].runtime_id == "rt-1"
+    assert len(wave) + len(again) == 5001

@@ -7,6 +7,7 @@ a test that needs a broker gets its own Mosquitto on a free port.
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,19 @@ from .harness import Deployment, MosquittoBroker, start_mosquitto
 from .webhook import Hook
 
 PG_ADMIN_URL = os.environ.get("HEARTBEAT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let the processes tests start take Ctrl-C, however this run was started.
+
+    A shell starts a background job with SIGINT ignored, and an ignored
+    signal stays ignored across exec: every CLI process the tests send
+    SIGINT to would then ignore it (seen when CI ran in the background).
+    A handler of our own is not inherited, so children start with the
+    default, and Python's Ctrl-C.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -312,38 +312,50 @@ class Detector:
         re-armed: 100,000 of them at once held the event loop for over 100 ms.
         The caller settles them a slice at a time, reading pulses in between.
         """
+        if self._due_top(now, budget) is not None:
+            return False
         heap = self._heap
-        for _ in range(budget):
-            if not heap or heap[0][0] > now or self._top_is_due(now):
-                return False
-            self._pop_stale()
         return bool(heap) and heap[0][0] <= now
 
     def _next_due(self, now: float) -> tuple[str, _Runtime] | None:
         """The runtime at the top of the heap if its real deadline has passed; stale entries are settled."""
-        heap = self._heap
+        return self._due_top(now, None)
+
+    def _due_top(self, now: float, budget: int | None) -> tuple[str, _Runtime] | None:
+        """Settle stale entries due by ``now`` (at most ``budget``); the top runtime if its real deadline passed.
+
+        An entry is stale when its runtime pulsed since it was armed (it is
+        re-armed at the real deadline, in one sift: ``heapreplace``), or was
+        re-armed, deregistered or left the watched states (it is dropped).
+        With every runtime pulsing on time this runs once per interval per
+        runtime, as often as pulses arrive: it is the detector's other hot
+        path, so :meth:`_deadline` is written out here.
+        """
+        heap, runtimes, watch_from = self._heap, self._runtimes, self._watch_from
+        settled = 0
         while heap and heap[0][0] <= now:
-            if self._top_is_due(now):
-                runtime_id = heap[0][2]
-                return runtime_id, self._runtimes[runtime_id]
-            self._pop_stale()
+            if budget is not None and settled >= budget:
+                return None
+            settled += 1
+            _, token, runtime_id = heap[0]
+            rt = runtimes.get(runtime_id)
+            if rt is None or rt.token != token or rt.state not in _WATCHED:
+                heapq.heappop(heap)
+                self.heap_pops += 1
+                if rt is not None and rt.token == token:
+                    rt.token = 0
+                continue
+            start = rt.since if rt.since > watch_from else watch_from
+            last_seen = rt.last_seen
+            if last_seen is not None and last_seen > start:
+                start = last_seen
+            deadline = start + rt.interval + rt.grace
+            if deadline <= now:
+                return runtime_id, rt
+            rt.token = token = next(self._tokens)
+            heapq.heapreplace(heap, (deadline, token, runtime_id))
+            self.heap_pops += 1
         return None
-
-    def _top_is_due(self, now: float) -> bool:
-        """Whether the heap's top entry is current and its runtime's real deadline has passed."""
-        _, token, runtime_id = self._heap[0]
-        rt = self._runtimes.get(runtime_id)
-        return rt is not None and rt.token == token and rt.state in _WATCHED and self._deadline(rt) <= now
-
-    def _pop_stale(self) -> None:
-        """Drop the top entry; if it is its runtime's current one, re-arm at the real deadline (it pulsed since)."""
-        _, token, runtime_id = heapq.heappop(self._heap)
-        self.heap_pops += 1
-        rt = self._runtimes.get(runtime_id)
-        if rt is not None and rt.token == token:
-            rt.token = 0
-            if rt.state in _WATCHED:
-                self._arm(runtime_id, rt)
 
     def suspend(self) -> None:
         """Stop judging: the orchestrator lost its broker and cannot see pulses."""

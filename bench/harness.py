@@ -276,6 +276,12 @@ class Observer:
     alert_log: list[Alert] = field(default_factory=list)
     status_dead: dict[str, float] = field(default_factory=dict)
     """Runtime ID -> when its status topic first said dead."""
+    dead_ids: set[str] = field(default_factory=set)
+    """IDs with a ``dead`` alert, kept as alerts arrive: a wait's predicate must cost O(1), not O(alerts).
+
+    :meth:`wait` checks its predicate on every message while holding the lock
+    ``_on_message`` needs; counting 10,000 alerts afresh on each of them made
+    this observer, not the orchestrator, the last to see a will storm (3 s)."""
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
@@ -311,6 +317,8 @@ class Observer:
             if topic == f"{PREFIX}/alerts":
                 doc = json.loads(msg.payload)
                 self.alert_log.append(Alert(doc["id"], doc["event"], now))
+                if doc["event"] == "dead":
+                    self.dead_ids.add(doc["id"])
             elif topic == f"{PREFIX}/orchestrator/stats":
                 if not msg.retain:
                     self.stats = json.loads(msg.payload)

@@ -49,7 +49,7 @@ def run(ctx: Context) -> Result:
         start_ready(b, b.seed(n, interval=interval, grace=grace), observer)
         report = load.run(rate=rate, count=int(rate * total), stops=stops, batch=1000, tick=0.002)
         ids = {runtime_id(i): i for i in stopped}
-        observer.wait(lambda o: len({a.id for a in o.dead_alerts()} & ids.keys()) >= len(ids), 15)
+        observer.wait(lambda o: ids.keys() <= o.dead_ids, 15)
         time.sleep(0.5)
         alerts = observer.dead_alerts()
     first: dict[str, float] = {}

@@ -80,7 +80,7 @@ def run(ctx: Context) -> Result:
         killed = time.monotonic()
         os.kill(agents.pid, signal.SIGKILL)
         agents.join(10)
-        alerts_ok = observer.wait(lambda o: len({a.id for a in o.dead_alerts()}) >= n, 60)
+        alerts_ok = observer.wait(lambda o: len(o.dead_ids) >= n, 60)
         alerts_at = max(a.at for a in observer.dead_alerts()) if alerts_ok else float("inf")
         stats_ok = observer.wait(lambda o: o.stats.get("states", {}).get("dead", 0) >= n, 10)
         stats_at = observer.stats_at if stats_ok else float("inf")

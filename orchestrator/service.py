@@ -909,7 +909,9 @@ class Orchestrator:
         if late > self.config.stall_threshold:
             self.stats["stalls"] += 1
             deadline = self.detector.next_deadline()
-            if deadline is not None and deadline <= now and not self.detector.suspended:
+            if self.detector.suspended:
+                log.warning("stalled for %.1f s while cut off from the broker (judging nobody anyway)", late)
+            elif deadline is not None and deadline <= now:
                 log.warning("stalled for %.1f s: restarting the watch instead of judging", late)
                 self.detector.resume(now)
                 self._rearm.set()

@@ -447,11 +447,13 @@ def test_a_stall_over_no_deadline_is_counted_but_restarts_nothing(
 
 
 def test_a_stall_while_cut_off_from_the_broker_keeps_the_detector_suspended(
-    orchestrator: Orchestrator, overdue: str
+    orchestrator: Orchestrator, overdue: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     orchestrator.detector.suspend()
-    sentinel_after(orchestrator, 2.0)
+    with caplog.at_level(logging.WARNING):
+        sentinel_after(orchestrator, 2.0)
     assert orchestrator.detector.suspended
+    assert "cut off from the broker" in caplog.text
 
 
 def test_a_blocked_event_loop_is_noticed_whatever_the_watcher_was_doing(orchestrator: Orchestrator) -> None:

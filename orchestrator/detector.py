@@ -329,9 +329,10 @@ class Detector:
         re-armed, deregistered or left the watched states (it is dropped).
         With every runtime pulsing on time this runs once per interval per
         runtime, as often as pulses arrive: it is the detector's other hot
-        path, so :meth:`_deadline` is written out here.
+        path. (Writing :meth:`_deadline` out here saved another 8 %; the rule
+        stays in one place instead.)
         """
-        heap, runtimes, watch_from = self._heap, self._runtimes, self._watch_from
+        heap, runtimes = self._heap, self._runtimes
         settled = 0
         while heap and heap[0][0] <= now:
             if budget is not None and settled >= budget:
@@ -345,11 +346,7 @@ class Detector:
                 if rt is not None and rt.token == token:
                     rt.token = 0
                 continue
-            start = rt.since if rt.since > watch_from else watch_from
-            last_seen = rt.last_seen
-            if last_seen is not None and last_seen > start:
-                start = last_seen
-            deadline = start + rt.interval + rt.grace
+            deadline = self._deadline(rt)
             if deadline <= now:
                 return runtime_id, rt
             rt.token = token = next(self._tokens)

@@ -133,6 +133,8 @@ class _FlipQueue:
         """Runtime IDs in order of arrival; an ID whose flips were taken early is skipped when reached."""
         self._urgent: dict[str, None] = {}
         """IDs with a flip that raises an alert (an ordered set)."""
+        self.alert_waiting = threading.Event()
+        """Set while a flip that raises an alert waits: the database thread ends a flush transaction early."""
         self._len = 0
 
     def __len__(self) -> int:
@@ -151,6 +153,8 @@ class _FlipQueue:
             if f.event is not None:
                 self._urgent[f.runtime_id] = None
         self._len += n
+        if self._urgent:
+            self.alert_waiting.set()
 
     def take(self, limit: int | None) -> list[FlipRow]:
         """The urgent runtimes' flips, then more up to about ``limit`` (None: all)."""
@@ -159,6 +163,7 @@ class _FlipQueue:
         for runtime_id in self._urgent:
             taken += by_runtime.pop(runtime_id, ())
         self._urgent.clear()
+        self.alert_waiting.clear()  # any set from here on is for the next transaction
         while order and (limit is None or len(taken) < limit):
             taken += by_runtime.pop(order.popleft(), ())
         self._len -= len(taken)
@@ -177,6 +182,8 @@ class _FlipQueue:
             if any(f.event is not None for f in group):
                 self._urgent[runtime_id] = None
         self._len += len(flips)
+        if self._urgent:
+            self.alert_waiting.set()
 
 
 class Orchestrator:
@@ -214,8 +221,6 @@ class Orchestrator:
         self._seen_backlog: Iterator[tuple[str, float]] | None = None
         """What of them is still to be written; the flush gives way to alerts between chunks."""
         self._seen_done = False
-        self._alert_waiting = threading.Event()
-        """Set when flips with an alert are pending: the database thread ends a flush transaction early."""
         self._writer_wake = asyncio.Event()
         self._logged_ids: set[str] = set()
         self.pulses = 0
@@ -1190,8 +1195,6 @@ class Orchestrator:
             for t in batch
         ]
         self._pending_flips.extend(flips)
-        if any(f.event is not None for f in flips):
-            self._alert_waiting.set()
         future: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
         self._flip_waiters.append(future)
         self._writer_wake.set()
@@ -1255,7 +1258,6 @@ class Orchestrator:
         flips = self._pending_flips.take(limit)
         if self._pending_flips:
             self._writer_wake.set()  # the rest in the next transaction
-        self._alert_waiting.clear()  # those are taken; any set from here on is for the next transaction
         waiters, self._flip_waiters = self._flip_waiters, []
         marks, self._notified_keys = self._notified_keys, set()
         alive_at = None
@@ -1314,7 +1316,7 @@ class Orchestrator:
         Stops between chunks once an alert is waiting (``give_way``); sets
         ``_seen_done`` when the backlog is exhausted.
         """
-        wall0, mono0, waiting = self.clock.wall0, self.clock.mono0, self._alert_waiting
+        wall0, mono0, waiting = self.clock.wall0, self.clock.mono0, self._pending_flips.alert_waiting
         for n, (runtime_id, mono) in enumerate(backlog, 1):
             yield runtime_id, wall0 + (mono - mono0)
             if give_way and n % CHUNK == 0 and waiting.is_set():

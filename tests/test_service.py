@@ -356,7 +356,7 @@ def alert_arrives_during_the_first_chunk(orchestrator: Orchestrator, monkeypatch
 
     def update_then_alert(*args: Any) -> None:
         update_from(*args)
-        orchestrator._alert_waiting.set()
+        orchestrator._pending_flips.alert_waiting.set()
 
     monkeypatch.setattr(orchestrator.store, "_update_from", update_then_alert)
 
@@ -514,3 +514,13 @@ def test_flips_put_back_come_before_those_queued_since(wave: _FlipQueue) -> None
     assert [(f.runtime_id, f.new_state) for f in again[:2]] == [("rt-0", "alive"), ("rt-0", "dead")]
     assert again[2].runtime_id == "rt-1"
     assert len(wave) + len(again) == 5001
+
+
+def test_an_alert_waits_from_its_flip_queued_or_put_back_until_taken(wave: _FlipQueue) -> None:
+    assert not wave.alert_waiting.is_set()
+    wave.extend([flip("rt-0", "dead", 9000)])
+    assert wave.alert_waiting.is_set()
+    taken = wave.take(10)
+    assert not wave.alert_waiting.is_set()
+    wave.put_back(taken)
+    assert wave.alert_waiting.is_set()

@@ -65,16 +65,13 @@ def sample(b: Bench) -> Sample:
     return Sample(cpu_seconds(pid), *_syscalls(pid), *_busiest_connection(b.port))
 
 
-def _consumer(kind: str, b: Bench, load: LoadProcess) -> tuple[Consumer, int]:
+def _consumer(kind: str, b: Bench, load: LoadProcess) -> Consumer:
     if kind == "mosquitto_sub":
-        msub = MosquittoSub(b.port)
-        return msub, msub.process.pid
+        return MosquittoSub(b.port)
     if kind == "paho":
-        paho = PahoSubscriber(b.port)
-        assert paho.process.pid is not None
-        return paho, paho.process.pid
+        return PahoSubscriber(b.port)
     orch, observer = start_warm(Context(quick=False), b, load, RUNTIMES)
-    return OrchestratorCounter(observer), orch.pid
+    return OrchestratorCounter(observer, orch.pid)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,14 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     raise_nofile()
     with bench("broker-cost") as b, LoadProcess(b.port, RUNTIMES) as load:
-        consumer, pid = _consumer(args.consumer, b, load)
+        consumer = _consumer(args.consumer, b, load)
         try:
             base = consumer.count()
             load.start(rate=args.rate, count=int(args.rate * args.seconds))
             time.sleep(1.0)
-            before, consumer_before, t0 = sample(b), cpu_seconds(pid), time.monotonic()
+            before, consumer_before, t0 = sample(b), cpu_seconds(consumer.pid), time.monotonic()
             time.sleep(max(0.5, args.seconds - 2.0))
-            d, consumer_cpu, elapsed = sample(b) - before, cpu_seconds(pid) - consumer_before, time.monotonic() - t0
+            d, elapsed = sample(b) - before, time.monotonic() - t0
+            consumer_cpu = cpu_seconds(consumer.pid) - consumer_before
             report = load.report(args.seconds * 3 + 30)
             wait_counted(consumer, base + report.sent, 30)
             missing = base + report.sent - consumer.count()

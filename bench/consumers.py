@@ -28,6 +28,8 @@ _PROBE = "bench/flush/" + "x" * 100
 
 class Consumer(Protocol):
     name: str
+    pid: int
+    """The process that does the consuming, for its CPU figures."""
 
     def count(self) -> int: ...
 
@@ -40,8 +42,9 @@ class Consumer(Protocol):
 class OrchestratorCounter:
     name = "orchestrator"
 
-    def __init__(self, observer: Observer) -> None:
+    def __init__(self, observer: Observer, pid: int) -> None:
         self.observer = observer
+        self.pid = pid
 
     def count(self) -> int:
         return int(self.observer.stats.get("pulses", 0))
@@ -89,6 +92,8 @@ class PahoSubscriber:
         ready, self._stop = ctx.Event(), ctx.Event()
         self.process = ctx.Process(target=_paho_child, args=(port, self._counter, ready, self._stop), daemon=True)
         self.process.start()
+        assert self.process.pid is not None
+        self.pid = self.process.pid
         if not ready.wait(30):
             self.close()
             raise TimeoutError("paho subscriber did not subscribe")
@@ -122,6 +127,7 @@ class MosquittoSub:
             stderr=subprocess.DEVNULL,
             bufsize=0,
         )
+        self.pid = self.process.pid
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self._pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-probe-{time.monotonic_ns()}")

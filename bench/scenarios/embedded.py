@@ -66,7 +66,7 @@ def run(ctx: Context) -> Result:
 
             found = search(
                 load,
-                OrchestratorCounter(observer),
+                OrchestratorCounter(observer, orch.pid),
                 quick=ctx.quick,
                 window=window,
                 quiet=1.2,

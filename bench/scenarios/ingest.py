@@ -26,9 +26,9 @@ from ..search import SearchResult, search, wait_counted
 SPLIT_RATE = 100_000
 
 
-def cpu_split(b: Bench, load: LoadProcess, consumer: Consumer, consumer_pid: int, seconds: float) -> dict[str, float]:
+def cpu_split(b: Bench, load: LoadProcess, consumer: Consumer, seconds: float) -> dict[str, float]:
     """µs of CPU per pulse of Mosquitto, the consumer and this process to carry ``SPLIT_RATE`` pulses/s."""
-    pids = {"mosquitto": b.mosquitto.process.pid, "consumer": consumer_pid, "bench": os.getpid()}
+    pids = {"mosquitto": b.mosquitto.process.pid, "consumer": consumer.pid, "bench": os.getpid()}
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     base = consumer.count()
     report = load.run(rate=SPLIT_RATE, count=int(SPLIT_RATE * seconds))
@@ -56,7 +56,8 @@ def orchestrator_search(
     ctx: Context, b: Bench, load: LoadProcess, n: int, window: float, splits: dict[str, dict[str, float]]
 ) -> SearchResult:
     orch, observer = start_warm(ctx, b, load, n)
-    splits["orchestrator"] = cpu_split(b, load, OrchestratorCounter(observer), orch.pid, 0.5 if ctx.quick else 5.0)
+    counter = OrchestratorCounter(observer, orch.pid)
+    splits["orchestrator"] = cpu_split(b, load, counter, 0.5 if ctx.quick else 5.0)
 
     def check() -> str:
         dead = observer.stats.get("states", {}).get("dead", 0)
@@ -65,7 +66,7 @@ def orchestrator_search(
             return "orchestrator exited"
         return f"{dead} dead, {alerts} dead alerts" if dead or alerts else ""
 
-    return search(load, OrchestratorCounter(observer), quick=ctx.quick, window=window, quiet=1.2, check=check)
+    return search(load, counter, quick=ctx.quick, window=window, quiet=1.2, check=check)
 
 
 def run(ctx: Context) -> Result:
@@ -77,15 +78,14 @@ def run(ctx: Context) -> Result:
     with bench("ingest") as b, LoadProcess(b.port, n) as load:
         paho = PahoSubscriber(b.port)
         try:
-            assert paho.process.pid is not None
-            splits["paho"] = cpu_split(b, load, paho, paho.process.pid, split_s)
+            splits["paho"] = cpu_split(b, load, paho, split_s)
             baseline = search(load, paho, quick=ctx.quick, window=window)
         finally:
             paho.close()
         ctx.say(f"paho: {baseline.best:,}/s ({baseline.summary()})")
         msub = MosquittoSub(b.port)
         try:
-            splits["mosquitto_sub"] = cpu_split(b, load, msub, msub.process.pid, split_s)
+            splits["mosquitto_sub"] = cpu_split(b, load, msub, split_s)
             ceiling = search(load, msub, quick=ctx.quick, window=window)
         finally:
             msub.close()

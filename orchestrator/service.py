@@ -53,7 +53,7 @@ from .ingest import Message, PulseReader, PulseReaderError
 from .metrics import LatencyHistogram
 from .notify import MqttNotifier, Notice, NotifyError
 from .silence import Silence, SilenceBook
-from .store import CHUNK, FlipRow, RuntimeRow, Store, database_error, redact_url
+from .store import CHUNK, FlipRow, RuntimeRow, Store, database_error, in_key_order, redact_url
 
 log = logging.getLogger("orchestrator")
 _paho.apply()  # paho's per-message MQTT 5 property tables, shared (see orchestrator/_paho.py)
@@ -1264,7 +1264,7 @@ class Orchestrator:
         if self._flush_seen and self._seen_backlog is None:
             self._flush_seen = False
             self._seen_taken = self.detector.take_seen()
-            self._seen_backlog = iter(self._seen_taken.items())
+            self._seen_backlog = in_key_order(self._seen_taken)
             self._seen_done = False
             alive_at = time.time()
         backlog = self._seen_backlog

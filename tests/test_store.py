@@ -11,8 +11,9 @@ from pathlib import Path
 import peewee
 import pytest
 
+from orchestrator import store as store_module
 from orchestrator.silence import SilenceBook
-from orchestrator.store import FlipRow, Runtime, RuntimeRow, Store
+from orchestrator.store import FlipRow, Runtime, RuntimeRow, Store, in_key_order
 from orchestrator.store import Silence as StoredSilence
 
 T0 = 1795902116.123456
@@ -179,6 +180,22 @@ def test_record_of_more_than_one_chunk_updates_every_runtime(store: Store) -> No
     loaded = store.load()
     assert len(loaded) == len(ids)
     assert {(r.state, r.since, r.last_seen) for r in loaded} == {("alive", T0 + 1, T0 + 2)}
+
+
+def test_in_key_order_sorts_a_flush_of_one_run() -> None:
+    seen = {"rt-c": 3.0, "rt-a": 1.0, "rt-b": 2.0}
+    assert list(in_key_order(seen)) == [("rt-a", 1.0), ("rt-b", 2.0), ("rt-c", 3.0)]
+
+
+def test_in_key_order_sorts_a_larger_flush_run_by_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "SORT_RUN", 3)
+    seen = {rid: float(i) for i, rid in enumerate(["rt-e", "rt-a", "rt-g", "rt-c", "rt-b", "rt-f", "rt-d"])}
+    assert [rid for rid, _ in in_key_order(seen)] == ["rt-a", "rt-e", "rt-g", "rt-b", "rt-c", "rt-f", "rt-d"]
+
+
+def test_in_key_order_keeps_each_runtimes_time() -> None:
+    seen = {f"rt-{i:03d}": float(i) for i in reversed(range(200))}
+    assert dict(in_key_order(seen)) == seen
 
 
 def chain(runtime_id: str, n: int) -> list[FlipRow]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import multiprocessing
 import multiprocessing.connection
+import random
 import socket
 import time
 from dataclasses import dataclass, field
@@ -111,9 +112,12 @@ class RunReport:
 class _Generator:
     """Lives in the child: the sockets, the packet buffer and the paced loop."""
 
-    def __init__(self, port: int, n: int, connections: int) -> None:
+    def __init__(self, port: int, n: int, connections: int, shuffled: bool = False) -> None:
         self.n = n
-        topics = [f"{PREFIX}/runtimes/{runtime_id(i)}/pulse" for i in range(n)]
+        order = list(range(n))
+        if shuffled:
+            random.Random(n).shuffle(order)
+        topics = [f"{PREFIX}/runtimes/{runtime_id(i)}/pulse" for i in order]
         packets = [encode_publish(t) for t in topics]
         self.size = len(packets[0])
         assert all(len(p) == self.size for p in packets)
@@ -204,9 +208,9 @@ def _sends_of(index: int, upto: int, offset: int, n: int) -> int:
     return 0 if upto <= first else (upto - first - 1) // n + 1
 
 
-def _child(conn: multiprocessing.connection.Connection, port: int, n: int, connections: int) -> None:
+def _child(conn: multiprocessing.connection.Connection, port: int, n: int, connections: int, shuffled: bool) -> None:
     try:
-        generator = _Generator(port, n, connections)
+        generator = _Generator(port, n, connections, shuffled)
     except Exception as exc:
         conn.send(("error", repr(exc)))
         return
@@ -225,12 +229,17 @@ def _child(conn: multiprocessing.connection.Connection, port: int, n: int, conne
 
 
 class LoadProcess:
-    """A generator child for ``n`` runtimes: ``run(...)`` as often as needed, then ``close()``."""
+    """A generator child for ``n`` runtimes: ``run(...)`` as often as needed, then ``close()``.
 
-    def __init__(self, port: int, n: int, *, connections: int = 2) -> None:
+    The round robin goes in ID order, or with ``shuffled`` in one fixed
+    shuffled order, as a real fleet's pulses come; indices (``offset``,
+    ``stops``, ``last_sent``) then count places in that order.
+    """
+
+    def __init__(self, port: int, n: int, *, connections: int = 2, shuffled: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_child, args=(child, port, n, connections), daemon=True)
+        self.process = ctx.Process(target=_child, args=(child, port, n, connections, shuffled), daemon=True)
         self.process.start()
         self.n = n
         kind, value = self._recv(120)

@@ -68,6 +68,8 @@ _WRITE_BATCH = 1_000
 """Flips per transaction at most (those raising alerts are never split: they go first)."""
 _WILL_GATHER = 0.05
 """Seconds the watcher waits after a will for the rest of its burst, before proving the link."""
+_LOGGED_EVENTS = 20
+"""Events logged a line each per batch of transitions; the rest are counted by kind of event."""
 _SETTLE_BUDGET = 1_000
 """Stale deadlines the watcher re-arms per event-loop turn (1-7 ms of work, the database thread permitting)."""
 _COMMAND_QUEUE = 1_000
@@ -755,10 +757,26 @@ class Orchestrator:
                 log.exception("transition listener failed")
         if transition.new is State.ALIVE:
             self._rearm.set()  # a revived runtime may now have the earliest deadline
-        if transition.event == "dead":
-            log.warning("%s is dead: %s", transition.runtime_id, transition.reason)
-        elif transition.event:
-            log.info("%s %s: %s", transition.runtime_id, transition.event, transition.reason)
+
+    @staticmethod
+    def _log_events(batch: list[Transition]) -> None:
+        """A line per event, up to :data:`_LOGGED_EVENTS` a batch; past that, a count per kind of event.
+
+        A will storm is 10,000 verdicts, and a line each held the event loop
+        while their alerts waited: the bench's will storm took 1.37-1.49 s
+        to its last alert with them, 1.13-1.27 s without. The history and
+        the alert topic have every one.
+        """
+        events = [t for t in batch if t.event is not None]
+        for t in events[:_LOGGED_EVENTS]:
+            if t.event == "dead":
+                log.warning("%s is dead: %s", t.runtime_id, t.reason)
+            else:
+                log.info("%s %s: %s", t.runtime_id, t.event, t.reason)
+        more = collections.Counter(t.event for t in events[_LOGGED_EVENTS:])
+        for event, n in more.items():
+            level = logging.WARNING if event == "dead" else logging.INFO
+            log.log(level, "... and %d more runtimes %s (each in its history and on the alert topic)", n, event)
 
     # --- registrar -------------------------------------------------------------
 
@@ -1001,6 +1019,7 @@ class Orchestrator:
         batch, self._outbox = self._outbox, []
         if not batch:
             return
+        self._log_events(batch)
         flips = self._submit_flips(batch)
         committed = self._flip_waiters[-1]
         lost: set[str] = set()

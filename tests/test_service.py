@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from orchestrator.config import Config
-from orchestrator.detector import State
+from orchestrator.detector import State, Transition
 from orchestrator.service import Orchestrator, _FlipQueue
 from orchestrator.store import CHUNK, FlipRow
 from runtime_agent import protocol
@@ -524,3 +524,31 @@ def test_an_alert_waits_from_its_flip_queued_or_put_back_until_taken(wave: _Flip
     assert not wave.alert_waiting.is_set()
     wave.put_back(taken)
     assert wave.alert_waiting.is_set()
+
+
+# --- logging verdicts ---------------------------------------------------------------
+
+
+def deaths(n: int) -> list[Transition]:
+    return [Transition(f"rt-{i}", State.ALIVE, State.DEAD, 1.0, 0.5, "connection lost", "dead") for i in range(n)]
+
+
+def test_a_few_deaths_are_logged_a_line_each(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="orchestrator"):
+        Orchestrator._log_events(deaths(3))
+    assert [r.getMessage() for r in caplog.records] == [f"rt-{i} is dead: connection lost" for i in range(3)]
+
+
+def test_a_storm_of_deaths_is_logged_as_twenty_lines_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="orchestrator"):
+        Orchestrator._log_events(deaths(10_000))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 21
+    assert messages[-1].startswith("... and 9980 more runtimes dead")
+
+
+def test_transitions_without_an_event_are_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    wave = [Transition(f"rt-{i}", State.UNKNOWN, State.ALIVE, 1.0, 1.0, "pulse received", None) for i in range(50)]
+    with caplog.at_level(logging.DEBUG, logger="orchestrator"):
+        Orchestrator._log_events(wave)
+    assert caplog.records == []

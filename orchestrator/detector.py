@@ -312,16 +312,12 @@ class Detector:
         re-armed: 100,000 of them at once held the event loop for over 100 ms.
         The caller settles them a slice at a time, reading pulses in between.
         """
-        if self._due_top(now, budget) is not None:
+        if self._next_due(now, budget) is not None:
             return False
         heap = self._heap
         return bool(heap) and heap[0][0] <= now
 
-    def _next_due(self, now: float) -> tuple[str, _Runtime] | None:
-        """The runtime at the top of the heap if its real deadline has passed; stale entries are settled."""
-        return self._due_top(now, None)
-
-    def _due_top(self, now: float, budget: int | None) -> tuple[str, _Runtime] | None:
+    def _next_due(self, now: float, budget: int | None = None) -> tuple[str, _Runtime] | None:
         """Settle stale entries due by ``now`` (at most ``budget``); the top runtime if its real deadline passed.
 
         An entry is stale when its runtime pulsed since it was armed (it is

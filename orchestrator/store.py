@@ -178,11 +178,10 @@ def in_key_order(rows: Mapping[str, float]) -> Iterator[tuple[str, float]]:
     order at all. Written in that order, nearly every row is on another
     page: 100,000 rows of 1,000,000 cost SQLite 9-10 µs each, and 5 µs each
     of 100,000; sorted first, 4.5 and 2 µs, the sort (0.5 µs a key)
-    included. A flush
-    of more than :data:`SORT_RUN` rows is sorted a run at a time, as the
-    rows are read, and each run is written in order; merging them would
-    cost more than the locality it adds, and one sort of all would hold
-    the GIL for the whole of it.
+    included. A flush of more than :data:`SORT_RUN` rows is sorted a run at
+    a time, as the rows are read, and each run is written in order: merging
+    them would cost more than the locality it adds, and one sort of all
+    would hold the GIL for the whole of it.
     """
     keys = list(rows)
     runs = map(sorted, (keys[i : i + SORT_RUN] for i in range(0, len(keys), SORT_RUN)))

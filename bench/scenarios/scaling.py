@@ -36,6 +36,12 @@ def cpu_per_pulse(load: LoadProcess, observer: Observer, pid: int, rate: int, wi
     return round((cpu1 - cpu0) / max(1, pulses) * 1e6, 2)
 
 
+def _growth(per: dict[str, float]) -> float:
+    """µs per pulse at the largest size over the smallest."""
+    values = list(per.values())
+    return values[-1] / values[0] if values[0] else float("inf")
+
+
 def run(ctx: Context) -> Result:
     result = Result("scaling")
     sizes = [1_000, 10_000] if ctx.quick else [1_000, 100_000, 1_000_000]
@@ -57,12 +63,10 @@ def run(ctx: Context) -> Result:
                 f"({shuffled[str(n)]} shuffled)"
             )
             result.notes.append(f"{n:,} runtimes: ready {ready_s:.1f} s, start-up settled after {settle_s:.1f} s more")
-    values = list(per.values())
-    growth = values[-1] / values[0] if values[0] else float("inf")
+    growth = _growth(per)
     result.add("us_per_pulse", per, "flat", unit="µs")
     result.add("growth", round(growth, 2), "≤ 1.5", growth <= 1.5)
-    mixed = list(shuffled.values())
     result.add("shuffled_us_per_pulse", shuffled, "informational", unit="µs")
-    result.add("shuffled_growth", round(mixed[-1] / mixed[0] if mixed[0] else float("inf"), 2), "informational")
+    result.add("shuffled_growth", round(_growth(shuffled), 2), "informational")
     result.extra.update(rate_per_s=rate, window_s=window)
     return result

@@ -54,20 +54,24 @@ _BURST = 256
 """Publishes written before yielding to the event loop (pulses are read between bursts)."""
 
 
-_COALESCE_BYTES = 131_072
-_COALESCE_DELAY = 0.010
-"""After a read of under ``_COALESCE_BYTES``, the next waits this long (seconds).
+_FULL_READ = 262_144
+"""What one read takes at most when the transport does not say (asyncio's ``max_size``, 256 KiB)."""
+_COALESCE_DELAY = 0.025
+"""After a read that emptied the socket (took less than a full read), the next waits this long (seconds).
 
 Mosquitto writes each message as it routes it, so at 100,000 pulses/s a
 read found two packets (90 bytes) on average: 48,000 wake-ups, epoll_wait
 and recv calls a second, some 4 µs per pulse of the orchestrator's 5. Waiting
-lets the packets gather (1,000 per read at 100,000/s), and a socket that is
-not read at once is cheaper for Mosquitto to write to as well (bench ingest,
-CPU µs per pulse at 100,000/s, Mosquitto + orchestrator: no wait 7.0 + 5.3,
-1 ms 7.7 + 2.0, 5 ms 6.8 + 1.5, 10 ms 5.8 + 1.8). A pulse is then stamped at
-most 10 ms late, which only ever makes a runtime look alive 10 ms longer.
-Never while our own publishes await their PUBACKs, nor while the watcher
-awaits its echo (:meth:`PulseReader.eager`): those are read at once."""
+lets the packets gather, and a socket that is not read at once is cheaper
+for Mosquitto to write to as well: once the wait outlasts our receive
+window, the broker's writes queue and leave in larger segments. Mosquitto's
+CPU per pulse at 100,000/s: 9.3-9.9 µs with 10 ms, 7.7-8.4 with 20-30 ms;
+at 140,000/s, 51 bytes per segment with 10 ms (it fell behind), 158-201
+with 25 ms (``python -m bench.broker_cost``, docs/performance.md). A pulse
+is then stamped at most 25 ms late, which only ever makes a runtime look
+alive 25 ms longer. Never while our own publishes await their PUBACKs, nor
+while the watcher awaits its echo (:meth:`PulseReader.eager`): those are
+read at once. A full read means more is waiting: the next is not delayed."""
 
 
 class PulseReaderError(ConnectionError):
@@ -106,10 +110,13 @@ class _Protocol(asyncio.Protocol):
         self.last_id = 0
         self.eager = 0
         """While above 0, reads are not delayed (see :meth:`PulseReader.eager`)."""
+        self.full_read = _FULL_READ
+        """The most one read returns: a read this big did not empty the socket."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.full_read = getattr(transport, "max_size", _FULL_READ)
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
@@ -148,8 +155,8 @@ class _Protocol(asyncio.Protocol):
             view.release()
         self.received += count
         self.buffer = buffer[pos:] if pos < end else b""
-        if len(data) < _COALESCE_BYTES and not self.inflight and not self.eager and self.transport is not None:
-            # A few packets per read: let the socket gather more before the next one (see _COALESCE_DELAY).
+        if len(data) < self.full_read and not self.inflight and not self.eager and self.transport is not None:
+            # The socket is empty: let it gather before the next read (see _COALESCE_DELAY).
             self.transport.pause_reading()
             asyncio.get_running_loop().call_later(_COALESCE_DELAY, self.resume_reading)
 

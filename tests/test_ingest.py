@@ -13,12 +13,14 @@ from orchestrator.ingest import PulseReader, _Batch, _Protocol
 
 
 class FakeTransport(asyncio.Transport):
-    """Records pause/resume; never closing."""
+    """Records pause/resume; never closing. ``max_size``, if given, is set as asyncio's transports set it."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_size: int | None = None) -> None:
         super().__init__()
         self.reading = True
         self.pauses = 0
+        if max_size is not None:
+            self.max_size = max_size
 
     def pause_reading(self) -> None:
         self.reading = False
@@ -41,10 +43,10 @@ def pulse_packets(n: int) -> bytes:
     )
 
 
-def connected() -> tuple[_Protocol, FakeTransport, list[str]]:
+def connected(transport: FakeTransport | None = None) -> tuple[_Protocol, FakeTransport, list[str]]:
     topics: list[str] = []
     protocol = _Protocol(lambda topic, payload, now, retained: topics.append(topic))
-    transport = FakeTransport()
+    transport = transport or FakeTransport()
     protocol.connection_made(transport)
     return protocol, transport, topics
 
@@ -80,13 +82,24 @@ def test_a_small_read_pauses_reading_and_resumes_after_the_coalescing_delay() ->
     asyncio.run(check())
 
 
-def test_a_large_read_does_not_pause_reading() -> None:
+def test_a_read_that_fills_the_transports_buffer_does_not_pause_reading() -> None:
+    async def check() -> None:
+        protocol, transport, topics = connected(FakeTransport(max_size=1024))
+        data = pulse_packets(40)
+        assert len(data) >= 1024
+        protocol.data_received(data)
+        assert (transport.pauses, len(topics)) == (0, 40)
+
+    asyncio.run(check())
+
+
+def test_a_read_of_almost_asyncios_whole_buffer_still_pauses_reading() -> None:
     async def check() -> None:
         protocol, transport, topics = connected()
-        data = pulse_packets(4000)
-        assert len(data) >= ingest._COALESCE_BYTES
+        data = pulse_packets(6000)
+        assert 131_072 < len(data) < 262_144
         protocol.data_received(data)
-        assert (transport.pauses, len(topics)) == (0, 4000)
+        assert (transport.pauses, len(topics)) == (1, 6000)
 
     asyncio.run(check())
 

@@ -228,6 +228,18 @@ def _child(conn: multiprocessing.connection.Connection, port: int, n: int, conne
             return
 
 
+CONNECTIONS = 16
+"""Connections the pulses are spread over, unless a scenario says otherwise.
+
+Mosquitto 2.0 reads one packet per ready socket per turn of its event loop,
+so the number of connections bounds what it takes in: with 2, at most two
+pulses a turn, and it took in only 111,000-126,000 pulses/s while 0.3 of its
+core stayed idle; with 16, all of 160,000/s at 0.71-0.80 core and all of
+220,000/s (``python -m bench.broker_cost orchestrator RATE 10``, EPYC,
+2026-11-29). A fleet has a connection per runtime, so few connections made
+the generator, not the consumer, the bound (docs/performance.md)."""
+
+
 class LoadProcess:
     """A generator child for ``n`` runtimes: ``run(...)`` as often as needed, then ``close()``.
 
@@ -236,12 +248,13 @@ class LoadProcess:
     ``stops``, ``last_sent``) then count places in that order.
     """
 
-    def __init__(self, port: int, n: int, *, connections: int = 2, shuffled: bool = False) -> None:
+    def __init__(self, port: int, n: int, *, connections: int = CONNECTIONS, shuffled: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_child, args=(child, port, n, connections, shuffled), daemon=True)
         self.process.start()
         self.n = n
+        self.connections = connections
         kind, value = self._recv(120)
         if kind != "ready":
             raise RuntimeError(f"load generator failed to start: {value}")

@@ -45,6 +45,7 @@ def run(ctx: Context) -> Result:
         finally:
             sub.close()
     result.notes.append(
-        f"generator: {n:,} pre-encoded 42-byte PUBLISH packets, 2 TCP connections, batches of ≤1000 per sendall"
+        f"generator: {n:,} pre-encoded 42-byte PUBLISH packets, {load.connections} TCP connections, "
+        "batches of ≤1000 per sendall"
     )
     return result

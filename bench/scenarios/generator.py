@@ -30,7 +30,7 @@ def run(ctx: Context) -> Result:
         cpu = (cpu_seconds(pid) - cpu0) / (paced.ended - paced.started)
         result.add("cpu_at_100k", round(cpu, 3), "< 0.25 core", cpu < 0.25, unit="core")
         result.extra["paced_100k_achieved_per_s"] = round(paced.achieved_per_s)
-        # Unpaced, the generator's 16 sockets take megabytes the broker has not read yet: let it read
+        # Unpaced, the generator's sockets take megabytes the broker has not read yet: let it read
         # them before subscribing, or the count below would include them.
         wait_idle(b.mosquitto.process.pid, timeout=120)
         sub = MosquittoSub(b.port)
@@ -49,7 +49,7 @@ def run(ctx: Context) -> Result:
             sub.close()
     result.notes.append(
         f"generator: {n:,} pre-encoded 42-byte PUBLISH packets, {load.connections} TCP connections, "
-        "batches of ≤1000 per sendall; unpaced_per_s is what it writes into its sockets, which with "
-        "16 of them buffer far more than the broker reads meanwhile (end_to_end_per_s is through the broker)"
+        "batches of ≤1000 per sendall; unpaced_per_s is what it writes into its sockets, whose buffers "
+        "hold far more than the broker reads meanwhile (end_to_end_per_s is through the broker)"
     )
     return result

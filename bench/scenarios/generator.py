@@ -32,7 +32,7 @@ def run(ctx: Context) -> Result:
         result.extra["paced_100k_achieved_per_s"] = round(paced.achieved_per_s)
         # Unpaced, the generator's sockets take megabytes the broker has not read yet: let it read
         # them before subscribing, or the count below would include them.
-        wait_idle(b.mosquitto.process.pid, timeout=120)
+        wait_idle(b.mosquitto.process.pid, hold=ctx.idle_hold, timeout=120)
         sub = MosquittoSub(b.port)
         try:
             base = sub.count()

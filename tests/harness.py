@@ -51,23 +51,61 @@ class MosquittoBroker:
                 self.process.wait(5)
 
 
-def start_mosquitto(directory: Path, port: int | None = None, extra: str = "") -> MosquittoBroker:
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each is held open until all are picked, so none is handed out twice."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+
+
+def launch_mosquitto(
+    directory: Path, conf_for: Callable[[list[int]], str], count: int = 1, *, ports: list[int] | None = None
+) -> MosquittoBroker:
+    """Mosquitto on ``conf_for(ports)``, listening on every port; ``MosquittoBroker.port`` is the first.
+
+    Without ``ports`` it picks fresh ones, and picks again (three tries) when
+    Mosquitto exits at start: another process on the machine can take a free
+    port between our pick and Mosquitto's bind, which made a test fail at
+    setup once in a few hundred runs.
+    """
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(exe).exists():
         pytest.fail("mosquitto is not installed: `apt-get install mosquitto` (.ci/run does this)")
-    port = port or free_port()
-    conf = directory / f"mosquitto-{port}.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
-        f"log_dest file {directory}/mosquitto-{port}.log\nmax_keepalive 65535\n{extra}"
-    )
-    process = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port)
-    except TimeoutError:
+    tries = 1 if ports else 3
+    for _ in range(tries):
+        chosen = ports or free_ports(count)
+        conf = directory / f"mosquitto-{chosen[0]}.conf"
+        conf.write_text(conf_for(chosen))
+        process = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if all(_listens(process, port) for port in chosen):
+            return MosquittoBroker(chosen[0], process, conf)
         process.kill()
-        raise
-    return MosquittoBroker(port, process, conf)
+        process.wait(5)
+    raise TimeoutError(f"Mosquitto did not listen on its ports after {tries} tries; see {directory}/*.log")
+
+
+def _listens(process: subprocess.Popen[bytes], port: int, timeout: float = 10.0) -> bool:
+    """Whether ``port`` accepts connections before ``process`` exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(TimeoutError):
+            wait_for_port(port, timeout=0.5)
+            return True
+    return False
+
+
+def start_mosquitto(directory: Path, port: int | None = None, extra: str = "") -> MosquittoBroker:
+    """Plain anonymous Mosquitto on loopback; pass ``port`` to start one again where a stopped one was."""
+
+    def conf(ports: list[int]) -> str:
+        return (
+            f"listener {ports[0]} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+            f"log_dest file {directory}/mosquitto-{ports[0]}.log\nmax_keepalive 65535\n{extra}"
+        )
+
+    return launch_mosquitto(directory, conf, ports=[port] if port else None)
 
 
 PREFIX = protocol.DEFAULT_PREFIX

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from orchestrator.broker import free_port, wait_for_port
 from runtime_agent import Agent, AsyncAgent, ConnectError, protocol
 
-from .harness import ROOT, MosquittoBroker, OrchestratorProcess, drop_connection
+from .harness import ROOT, MosquittoBroker, OrchestratorProcess, drop_connection, launch_mosquitto
 from .pki import Authority, Pair
 
 pytestmark = pytest.mark.e2e
@@ -91,20 +90,14 @@ def _passwd(path: Path, users: list[str]) -> None:
         subprocess.run([exe, "-b", *(["-c"] if i == 0 else []), str(path), user, PASSWORDS[user]], check=True)
 
 
-def _start(directory: Path, conf_text: str, ports: list[int]) -> MosquittoBroker:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+def _start(directory: Path, conf_for: Callable[[list[int]], str], count: int) -> MosquittoBroker:
     # Started as root, Mosquitto drops to the mosquitto user, which cannot read the test's 0700 directory.
     user = "user root\n" if os.geteuid() == 0 else ""
-    conf = directory / "mosquitto.conf"
-    conf.write_text(f"{user}{conf_text}\nlog_dest file {directory}/mosquitto.log\nlog_type all\n")
-    process = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for port in ports:
-            wait_for_port(port)
-    except TimeoutError:
-        process.kill()
-        raise
-    return MosquittoBroker(ports[0], process, conf)
+    return launch_mosquitto(
+        directory,
+        lambda ports: f"{user}{conf_for(ports)}\nlog_dest file {directory}/mosquitto.log\nlog_type all\n",
+        count,
+    )
 
 
 def _install_pki(directory: Path, pki: Pki) -> None:
@@ -140,8 +133,13 @@ def broker(tmp_path: Path, pki: Pki) -> Iterator[SecureBroker]:
     shutil.copy(SHIPPED / "acl", directory / "acl")
     _passwd(directory / "runtimes.passwd", ["rt-a", "rt-b"])
     _passwd(directory / "staff.passwd", [ORCHESTRATOR, ADMIN])
-    ports = {"runtimes": free_port(), "certs": free_port(), "staff": free_port()}
-    process = _start(directory, shipped_conf(directory, ports), list(ports.values()))
+    ports: dict[str, int] = {}
+
+    def conf(picked: list[int]) -> str:
+        ports.update(zip(("runtimes", "certs", "staff"), picked, strict=True))
+        return shipped_conf(directory, ports)
+
+    process = _start(directory, conf, 3)
     try:
         yield SecureBroker(ports["runtimes"], ports["certs"], ports["staff"], directory, process)
     finally:
@@ -484,14 +482,16 @@ def test_orchestrator_and_agent_with_client_certificates(tmp_path: Path, pki: Pk
     directory = tmp_path / "mosquitto"
     directory.mkdir()
     _install_pki(directory, pki)
-    port = free_port()
     process = _start(
         directory,
-        f"allow_anonymous false\nacl_file {SHIPPED / 'acl'}\npersistence false\nlistener {port} 127.0.0.1\n"
-        f"cafile {directory}/ca.crt\ncertfile {directory}/server.crt\nkeyfile {directory}/server.key\n"
-        "require_certificate true\nuse_identity_as_username true\n",
-        [port],
+        lambda ports: (
+            f"allow_anonymous false\nacl_file {SHIPPED / 'acl'}\npersistence false\n"
+            f"listener {ports[0]} 127.0.0.1\ncafile {directory}/ca.crt\ncertfile {directory}/server.crt\n"
+            f"keyfile {directory}/server.key\nrequire_certificate true\nuse_identity_as_username true\n"
+        ),
+        1,
     )
+    port = process.port
     orchestrator = None
     try:
         admin = Client(port, ca=pki.ca.cert, cert=pki.clients[ADMIN])

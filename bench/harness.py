@@ -71,6 +71,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def child_pids(pid: int) -> list[int]:
+    """The PIDs of a process's children (of all its threads)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
 def wait_idle(pid: int, *, below: float = 0.15, hold: float = 1.0, timeout: float = 120.0) -> float:
     """Wait until the process uses less than ``below`` of a core for ``hold`` seconds; returns seconds waited."""
     start = time.monotonic()

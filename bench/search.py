@@ -5,7 +5,10 @@ A step offers ``rate`` pulses per second for ``window`` seconds (exactly
 at least 97 % of the rate (else the broker's input is the limit) and (2) the
 consumer counted every one of them no later than ``drain`` seconds after the
 last was sent. The broker never drops (``max_queued_messages 0``), so a
-consumer that falls behind shows up as lag past ``drain``.
+consumer that falls behind shows up as lag past ``drain``. After a failed
+step the next starts only once the consumer and the broker (``idle``: their
+PIDs) have gone idle: a broker still working off the backlog, or a Python
+one collecting the garbage it left, would fail the next step too.
 
 Coarse steps with a short window climb a ladder until the first failure and
 bisect; then the best rate is confirmed with the full window. A failed
@@ -19,10 +22,11 @@ is within about 5 % of the sustainable rate rather than a coarse step below.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .consumers import Consumer
+from .harness import wait_idle
 from .load import LoadProcess
 
 FULL_LADDER = [10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 140_000, 160_000, 200_000, 250_000, 300_000]
@@ -88,6 +92,7 @@ def step(
     quiet: float,
     check: Callable[[], str] | None = None,
     offset: int = 0,
+    idle: Sequence[int] = (),
 ) -> Step:
     base = consumer.count()
     report = load.run(rate=rate, count=int(rate * window), offset=offset)
@@ -105,6 +110,8 @@ def step(
     result = Step(rate, window, report.sent, received, report.achieved_per_s, drain_s, not why, why)
     if received != report.sent:
         settle(consumer, quiet)
+        for pid in (consumer.pid, *idle):
+            wait_idle(pid, hold=quiet)
     return result
 
 
@@ -118,13 +125,15 @@ def search(
     extra_drain: float = 0.5,
     check: Callable[[], str] | None = None,
     ladder: list[int] | None = None,
+    idle: Sequence[int] = (),
 ) -> SearchResult:
     ladder = ladder or (QUICK_LADDER if quick else FULL_LADDER)
     coarse = window if quick else 3.0  # quick: the ladder's own steps are the result
     result = SearchResult(consumer.name, 0)
 
     def run_step(rate: int, win: float) -> Step:
-        s = step(load, consumer, rate, win, drain=0.5 + extra_drain + 0.05 * win, quiet=quiet, check=check)
+        drain = 0.5 + extra_drain + 0.05 * win
+        s = step(load, consumer, rate, win, drain=drain, quiet=quiet, check=check, idle=idle)
         result.steps.append(s)
         return s
 

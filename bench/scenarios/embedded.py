@@ -16,7 +16,7 @@ from orchestrator.broker import broker_command, child_env, free_port, wait_for_p
 
 from ..consumers import OrchestratorCounter, PahoSubscriber
 from ..context import Context
-from ..harness import Result, _stop, bench, wait_settled
+from ..harness import Result, _stop, bench, child_pids, wait_settled
 from ..load import LoadProcess
 from ..search import search
 
@@ -43,7 +43,7 @@ def run(ctx: Context) -> Result:
             paho = PahoSubscriber(port)
             try:
                 with LoadProcess(port, n) as load:
-                    baseline = search(load, paho, quick=ctx.quick, window=window, ladder=ladder)
+                    baseline = search(load, paho, quick=ctx.quick, window=window, ladder=ladder, idle=[broker.pid])
             finally:
                 paho.close()
         finally:
@@ -72,6 +72,7 @@ def run(ctx: Context) -> Result:
                 quiet=1.2,
                 check=check,
                 ladder=ladder,
+                idle=child_pids(orch.pid),  # its amqtt broker
             )
         ctx.say(f"orchestrator on amqtt: {found.best:,}/s ({found.summary()})")
     ratio = found.best / baseline.best if baseline.best else 0.0

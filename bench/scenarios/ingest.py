@@ -66,7 +66,7 @@ def orchestrator_search(
             return "orchestrator exited"
         return f"{dead} dead, {alerts} dead alerts" if dead or alerts else ""
 
-    return search(load, counter, quick=ctx.quick, window=window, quiet=1.2, check=check)
+    return search(load, counter, quick=ctx.quick, window=window, quiet=1.2, check=check, idle=[b.mosquitto.process.pid])
 
 
 def run(ctx: Context) -> Result:
@@ -79,14 +79,14 @@ def run(ctx: Context) -> Result:
         paho = PahoSubscriber(b.port)
         try:
             splits["paho"] = cpu_split(b, load, paho, split_s)
-            baseline = search(load, paho, quick=ctx.quick, window=window)
+            baseline = search(load, paho, quick=ctx.quick, window=window, idle=[b.mosquitto.process.pid])
         finally:
             paho.close()
         ctx.say(f"paho: {baseline.best:,}/s ({baseline.summary()})")
         msub = MosquittoSub(b.port)
         try:
             splits["mosquitto_sub"] = cpu_split(b, load, msub, split_s)
-            ceiling = search(load, msub, quick=ctx.quick, window=window)
+            ceiling = search(load, msub, quick=ctx.quick, window=window, idle=[b.mosquitto.process.pid])
         finally:
             msub.close()
         ctx.say(f"mosquitto_sub: {ceiling.best:,}/s ({ceiling.summary()})")

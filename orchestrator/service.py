@@ -53,7 +53,7 @@ from .ingest import Message, PulseReader, PulseReaderError
 from .metrics import LatencyHistogram
 from .notify import MqttNotifier, Notice, NotifyError
 from .silence import Silence, SilenceBook
-from .store import CHUNK, FlipRow, RuntimeRow, Store, database_error, in_key_order, redact_url
+from .store import FlipRow, RuntimeRow, Store, database_error, in_key_order, redact_url
 
 log = logging.getLogger("orchestrator")
 _paho.apply()  # paho's per-message MQTT 5 property tables, shared (see orchestrator/_paho.py)
@@ -87,15 +87,17 @@ class WallClock:
     def __init__(self) -> None:
         self.mono0 = time.monotonic()
         self.wall0 = time.time()
+        self.offset = self.wall0 - self.mono0
+        """Wall-clock minus monotonic seconds: one addition maps a whole batch (the last-seen flush)."""
 
     def wall(self, mono: float) -> float:
-        return self.wall0 + (mono - self.mono0)
+        return mono + self.offset
 
     def wall_or_none(self, mono: float | None) -> float | None:
         return None if mono is None else self.wall(mono)
 
     def mono(self, wall: float) -> float:
-        return self.mono0 + (wall - self.wall0)
+        return wall - self.offset
 
 
 @dataclass(slots=True)
@@ -220,7 +222,7 @@ class Orchestrator:
         self._flush_seen = False
         self._seen_taken: dict[str, float] = {}
         """The last-seen times (monotonic) the flush in progress took from the detector."""
-        self._seen_backlog: Iterator[tuple[str, float]] | None = None
+        self._seen_backlog: Iterator[list[tuple[str, float]]] | None = None
         """What of them is still to be written; the flush gives way to alerts between chunks."""
         self._seen_done = False
         self._writer_wake = asyncio.Event()
@@ -1283,7 +1285,7 @@ class Orchestrator:
         if self._flush_seen and self._seen_backlog is None:
             self._flush_seen = False
             self._seen_taken = self.detector.take_seen()
-            self._seen_backlog = in_key_order(self._seen_taken)
+            self._seen_backlog = in_key_order(self._seen_taken, self.clock.offset)
             self._seen_done = False
             alive_at = time.time()
         backlog = self._seen_backlog
@@ -1329,16 +1331,18 @@ class Orchestrator:
                 self._writer_wake.set()  # the rest of the flush (or the next one) in the next transaction
         return True
 
-    def _seen_rows(self, backlog: Iterator[tuple[str, float]], *, give_way: bool) -> Iterator[tuple[str, float]]:
-        """The flush's ``(runtime_id, wall-clock last seen)``, read on the database thread a chunk at a time.
+    def _seen_rows(
+        self, backlog: Iterator[list[tuple[str, float]]], *, give_way: bool
+    ) -> Iterator[list[tuple[str, float]]]:
+        """The flush's chunks of ``(runtime_id, wall-clock last seen)``, read on the database thread.
 
         Stops between chunks once an alert is waiting (``give_way``); sets
         ``_seen_done`` when the backlog is exhausted.
         """
-        wall0, mono0, waiting = self.clock.wall0, self.clock.mono0, self._pending_flips.alert_waiting
-        for n, (runtime_id, mono) in enumerate(backlog, 1):
-            yield runtime_id, wall0 + (mono - mono0)
-            if give_way and n % CHUNK == 0 and waiting.is_set():
+        waiting = self._pending_flips.alert_waiting
+        for chunk in backlog:
+            yield chunk
+            if give_way and waiting.is_set():
                 return
         self._seen_done = True
 

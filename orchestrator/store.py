@@ -171,21 +171,28 @@ SORT_RUN = 65_536
 """Keys :func:`in_key_order` sorts at a time: some 30 ms holding the GIL (and so the event loop)."""
 
 
-def in_key_order(rows: Mapping[str, float]) -> Iterator[tuple[str, float]]:
-    """``rows``' items ordered by key, the order of the runtime table's primary key, a run at a time.
+def in_key_order(rows: Mapping[str, float], offset: float = 0.0) -> Iterator[list[tuple[str, float]]]:
+    """``rows``' items as ``(key, value + offset)``, ordered by key, in chunks of :data:`CHUNK`, a run at a time.
 
-    The last-seen flush comes in pulse order, which in a real fleet is no
-    order at all. Written in that order, nearly every row is on another
-    page: 100,000 rows of 1,000,000 cost SQLite 9-10 µs each, and 5 µs each
-    of 100,000; sorted first, 4.5 and 2 µs, the sort (0.5 µs a key)
-    included. A flush of more than :data:`SORT_RUN` rows is sorted a run at
-    a time, as the rows are read, and each run is written in order: merging
-    them would cost more than the locality it adds, and one sort of all
-    would hold the GIL for the whole of it.
+    The order is the runtime table's primary key's. The last-seen flush
+    comes in pulse order, which in a real fleet is no order at all. Written
+    in that order, nearly every row is on another page: 100,000 rows of
+    1,000,000 cost SQLite 9-10 µs each, and 5 µs each of 100,000; sorted
+    first, 4.5 and 2 µs, the sort (0.5 µs a key) included. A flush of more
+    than :data:`SORT_RUN` rows is sorted a run at a time, as the chunks are
+    read, and each run is written in order: merging them would cost more
+    than the locality it adds, and one sort of all would hold the GIL for
+    the whole of it. Each chunk is built by C iterators, not a generator
+    per row: 0.19 µs a row against 0.31 (``offset`` turns the service's
+    monotonic times into wall-clock ones on the way).
     """
     keys = list(rows)
-    runs = map(sorted, (keys[i : i + SORT_RUN] for i in range(0, len(keys), SORT_RUN)))
-    return ((key, rows[key]) for key in itertools.chain.from_iterable(runs))
+    shift = offset.__add__
+    for start in range(0, len(keys), SORT_RUN):
+        run = sorted(keys[start : start + SORT_RUN])
+        for i in range(0, len(run), CHUNK):
+            part = run[i : i + CHUNK]
+            yield list(zip(part, map(shift, map(rows.__getitem__, part)), strict=True))
 
 
 class Store:
@@ -314,7 +321,7 @@ class Store:
     def record(
         self,
         flips: Sequence[FlipRow],
-        seen: Mapping[str, float] | Iterable[tuple[str, float]],
+        seen: Mapping[str, float] | Iterable[Sequence[tuple[str, float]]],
         *,
         now: float | None = None,
         lease: float = 30.0,
@@ -332,9 +339,10 @@ class Store:
         flips ``(runtime_id, at)`` as notified. ``alive_at`` records when this
         orchestrator was last known to be running.
 
-        ``seen`` may be an iterator of ``(runtime_id, last_seen)``: it is read
-        a chunk at a time, so one that stops early ends the transaction early
-        (the service's flush gives way to an alert that way).
+        ``seen`` may be an iterator of chunks of ``(runtime_id, last_seen)``,
+        each at most :data:`CHUNK` long (as :func:`in_key_order` makes them):
+        it is read a chunk at a time, so one that stops early ends the
+        transaction early (the service's flush gives way to an alert that way).
         """
         if not flips and not seen and alive_at is None and not notified:
             return set()
@@ -371,7 +379,7 @@ class Store:
                         for f in chunk
                     ]
                 )
-            for pairs in peewee.chunked(seen.items() if isinstance(seen, Mapping) else seen, CHUNK):
+            for pairs in peewee.chunked(seen.items(), CHUNK) if isinstance(seen, Mapping) else seen:
                 self._update_from(pairs, ("last_seen",))
             self._mark_notified(notified, now)
             if alive_at is not None:
@@ -505,7 +513,7 @@ class Store:
         """
         key = (len(rows), *kind)
         sql = self._chunk_sql.get(key)
-        params = [value for row in rows for value in row]
+        params = list(itertools.chain.from_iterable(rows))
         if sql is not None:
             return self.db.execute_sql(sql, params)  # type: ignore[no-untyped-call]
         sql, built = build().sql()

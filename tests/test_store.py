@@ -184,18 +184,30 @@ def test_record_of_more_than_one_chunk_updates_every_runtime(store: Store) -> No
 
 def test_in_key_order_sorts_a_flush_of_one_run() -> None:
     seen = {"rt-c": 3.0, "rt-a": 1.0, "rt-b": 2.0}
-    assert list(in_key_order(seen)) == [("rt-a", 1.0), ("rt-b", 2.0), ("rt-c", 3.0)]
+    assert list(in_key_order(seen)) == [[("rt-a", 1.0), ("rt-b", 2.0), ("rt-c", 3.0)]]
 
 
 def test_in_key_order_sorts_a_larger_flush_run_by_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "SORT_RUN", 3)
     seen = {rid: float(i) for i, rid in enumerate(["rt-e", "rt-a", "rt-g", "rt-c", "rt-b", "rt-f", "rt-d"])}
-    assert [rid for rid, _ in in_key_order(seen)] == ["rt-a", "rt-e", "rt-g", "rt-b", "rt-c", "rt-f", "rt-d"]
+    ordered = [rid for chunk in in_key_order(seen) for rid, _ in chunk]
+    assert ordered == ["rt-a", "rt-e", "rt-g", "rt-b", "rt-c", "rt-f", "rt-d"]
 
 
 def test_in_key_order_keeps_each_runtimes_time() -> None:
     seen = {f"rt-{i:03d}": float(i) for i in reversed(range(200))}
-    assert dict(in_key_order(seen)) == seen
+    assert dict(pair for chunk in in_key_order(seen) for pair in chunk) == seen
+
+
+def test_in_key_order_adds_the_offset_to_each_time() -> None:
+    seen = {"rt-b": 2.0, "rt-a": 1.0}
+    assert list(in_key_order(seen, 100.0)) == [[("rt-a", 101.0), ("rt-b", 102.0)]]
+
+
+def test_in_key_order_cuts_chunks_a_statement_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "CHUNK", 2)
+    seen = {f"rt-{i}": float(i) for i in range(5)}
+    assert [len(chunk) for chunk in in_key_order(seen)] == [2, 2, 1]
 
 
 def chain(runtime_id: str, n: int) -> list[FlipRow]:

@@ -112,8 +112,10 @@ class RunReport:
 class _Generator:
     """Lives in the child: the sockets, the packet buffer and the paced loop."""
 
-    def __init__(self, port: int, n: int, connections: int, shuffled: bool = False) -> None:
+    def __init__(self, port: int, n: int, connections: int, shuffled: bool = False, halt: Any = None) -> None:
         self.n = n
+        self.halt = halt
+        """A multiprocessing Event: set, the run in progress stops after its current batch."""
         order = list(range(n))
         if shuffled:
             random.Random(n).shuffle(order)
@@ -157,10 +159,11 @@ class _Generator:
         packets = 0
         cursor = offset % n
         which = 0
+        halt = self.halt
         while packets < count:
             now = time.monotonic()
             elapsed = now - t0
-            if elapsed > time_limit:
+            if elapsed > time_limit or (halt is not None and halt.is_set()):
                 break
             while pending_stops and pending_stops[0][0] <= elapsed:
                 _, index = pending_stops.pop(0)
@@ -208,9 +211,11 @@ def _sends_of(index: int, upto: int, offset: int, n: int) -> int:
     return 0 if upto <= first else (upto - first - 1) // n + 1
 
 
-def _child(conn: multiprocessing.connection.Connection, port: int, n: int, connections: int, shuffled: bool) -> None:
+def _child(
+    conn: multiprocessing.connection.Connection, port: int, n: int, connections: int, shuffled: bool, halt: Any
+) -> None:
     try:
-        generator = _Generator(port, n, connections, shuffled)
+        generator = _Generator(port, n, connections, shuffled, halt)
     except Exception as exc:
         conn.send(("error", repr(exc)))
         return
@@ -251,7 +256,8 @@ class LoadProcess:
     def __init__(self, port: int, n: int, *, connections: int = CONNECTIONS, shuffled: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_child, args=(child, port, n, connections, shuffled), daemon=True)
+        self._halt = ctx.Event()
+        self.process = ctx.Process(target=_child, args=(child, port, n, connections, shuffled, self._halt), daemon=True)
         self.process.start()
         self.n = n
         self.connections = connections
@@ -272,7 +278,16 @@ class LoadProcess:
 
     def start(self, **kwargs: Any) -> None:
         """Begin a run (see ``_Generator.run``); collect it with :meth:`report`."""
+        self._halt.clear()
         self._conn.send(("run", kwargs))
+
+    def halt(self) -> None:
+        """Stop the run in progress early (after its current batch); its report says what was sent."""
+        self._halt.set()
+
+    def finished(self, timeout: float = 0.0) -> bool:
+        """Whether the run's report is ready to collect (waiting up to ``timeout`` seconds)."""
+        return bool(self._conn.poll(timeout))
 
     def report(self, timeout: float) -> RunReport:
         kind, value = self._recv(timeout)

@@ -5,7 +5,11 @@ A step offers ``rate`` pulses per second for ``window`` seconds (exactly
 at least 97 % of the rate (else the broker's input is the limit) and (2) the
 consumer counted every one of them no later than ``drain`` seconds after the
 last was sent. The broker never drops (``max_queued_messages 0``), so a
-consumer that falls behind shows up as lag past ``drain``. After a failed
+consumer that falls behind shows up as lag past ``drain``. A step whose
+consumer falls more than twice ``drain`` behind is cut short: the rest of
+its window would only pile up a backlog in the broker, and Mosquitto spends
+about a quarter more CPU per message for a while after carrying one (see
+``scenarios/ingest.py``), which would handicap the steps after. After a failed
 step the next starts only once the consumer and the broker (``idle``: their
 PIDs) have gone idle: a broker still working off the backlog, or a Python
 one collecting the garbage it left, would fail the next step too.
@@ -48,6 +52,8 @@ class Step:
     drain_s: float
     held: bool
     why: str = ""
+    seconds: float = 0.0
+    """How long the generator really sent: the window, or less when the step was cut short."""
 
 
 @dataclass
@@ -99,20 +105,32 @@ def step(
     idle: Sequence[int] = (),
 ) -> Step:
     base = consumer.count()
-    report = load.run(rate=rate, count=int(rate * window), offset=offset)
+    load.start(rate=rate, count=int(rate * window), offset=offset)
+    t0 = time.monotonic()
+    behind = 0.0
+    while not load.finished(0.1):
+        consumer.nudge()
+        lag_s = (time.monotonic() - t0) - (consumer.count() - base) / rate
+        if lag_s > 2 * drain and not behind:
+            behind = lag_s
+            load.halt()
+    report = load.report(window * 3 + 30)
     end = time.monotonic()
     wait_counted(consumer, base + report.sent, drain)
     received = consumer.count() - base
     drain_s = time.monotonic() - end
     why = ""
-    if report.achieved_per_s < 0.97 * rate:
+    if behind:
+        why = f"{behind:.1f} s behind; cut at {report.ended - report.started:.0f} s"
+    elif report.achieved_per_s < 0.97 * rate:
         why = f"offered only {report.achieved_per_s / 1000:.0f}k/s"
     elif received != report.sent:
         why = f"{received}/{report.sent} in time"
     elif check is not None:
         why = check()
-    result = Step(rate, window, report.sent, received, report.achieved_per_s, drain_s, not why, why)
-    if received != report.sent:
+    seconds = report.ended - report.started
+    result = Step(rate, window, report.sent, received, report.achieved_per_s, drain_s, not why, why, seconds)
+    if why:
         settle(consumer, quiet)
         for pid in (consumer.pid, *idle):
             wait_idle(pid, hold=quiet)
@@ -196,5 +214,5 @@ def _sustained(s: Step) -> float:
     if s.achieved_per_s < 0.97 * s.rate:
         return 0.98 * s.achieved_per_s
     if s.received < s.sent:
-        return 0.95 * s.received / (s.window + s.drain_s)
+        return 0.95 * s.received / (s.seconds + s.drain_s)
     return 0.9 * s.rate

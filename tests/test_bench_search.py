@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.load import RunReport
-from bench.search import search
+from bench.search import search, step
 
 
 class FakeConsumer:
@@ -35,18 +35,36 @@ class FakeConsumer:
 
 
 class FakeLoad:
-    """A generator whose consumer holds a step when ``holds(rate, window)``, and takes in 90 % of it when not."""
+    """A generator whose consumer holds a step when ``holds(rate, window)``, and takes in 90 % of it when not.
 
-    def __init__(self, consumer: FakeConsumer, holds: Callable[[int, float], bool]) -> None:
-        self.consumer, self.holds = consumer, holds
+    With ``stalls``, a run never ends by itself and its consumer takes in
+    nothing: only :meth:`halt` ends it.
+    """
+
+    def __init__(self, consumer: FakeConsumer, holds: Callable[[int, float], bool], *, stalls: bool = False) -> None:
+        self.consumer, self.holds, self.stalls = consumer, holds, stalls
         self.steps: list[tuple[int, float]] = []
+        self.halted = False
+        self._report: RunReport | None = None
 
-    def run(self, *, rate: int, count: int, offset: int = 0) -> RunReport:
+    def start(self, *, rate: int, count: int, offset: int = 0) -> None:
         window = count / rate
         self.steps.append((rate, window))
-        self.consumer.counted += count if self.holds(rate, window) else count * 9 // 10
+        if not self.stalls:
+            self.consumer.counted += count if self.holds(rate, window) else count * 9 // 10
         now = time.monotonic()
-        return RunReport(rate, count, count, now - window, now)
+        self._report = RunReport(rate, count, count, now - window, now)
+
+    def halt(self) -> None:
+        self.halted = True
+
+    def finished(self, timeout: float = 0.0) -> bool:
+        time.sleep(timeout if self.stalls else 0)
+        return not self.stalls or self.halted
+
+    def report(self, timeout: float) -> RunReport:
+        assert self._report is not None
+        return self._report
 
 
 def _search(holds: Callable[[int, float], bool], **kw: Any) -> tuple[int, list[tuple[int, float]]]:
@@ -75,3 +93,12 @@ def test_the_search_stops_below_a_full_window_failure() -> None:
     best, steps = _search(lambda rate, window: rate <= 11_000, ladder=[2_000, 4_000, 8_000, 12_000, 16_000])
     assert best == 11_000
     assert all(rate <= 12_000 for rate, window in steps if window == 30)
+
+
+def test_a_step_whose_consumer_falls_far_behind_is_cut_short() -> None:
+    consumer = FakeConsumer()
+    load = FakeLoad(consumer, lambda rate, window: True, stalls=True)
+    result = step(load, consumer, 10_000, 30.0, drain=0.1, quiet=0.1)  # type: ignore[arg-type]
+    assert load.halted
+    assert not result.held
+    assert "behind" in result.why

@@ -79,8 +79,8 @@ def launch_mosquitto(
         conf = directory / f"mosquitto-{chosen[0]}.conf"
         conf.write_text(conf_for(chosen))
         process = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if all(_listens(process, port) for port in chosen):
-            return MosquittoBroker(chosen[0], process, conf)
+        if all(_listens(process, port) for port in chosen) and process.poll() is None:
+            return MosquittoBroker(chosen[0], process, conf)  # listening, and not someone else on our port
         process.kill()
         process.wait(5)
     raise TimeoutError(f"Mosquitto did not listen on its ports after {tries} tries; see {directory}/*.log")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.synchronize
 import random
 import socket
 import time
@@ -112,7 +113,14 @@ class RunReport:
 class _Generator:
     """Lives in the child: the sockets, the packet buffer and the paced loop."""
 
-    def __init__(self, port: int, n: int, connections: int, shuffled: bool = False, halt: Any = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        n: int,
+        connections: int,
+        shuffled: bool = False,
+        halt: multiprocessing.synchronize.Event | None = None,
+    ) -> None:
         self.n = n
         self.halt = halt
         """A multiprocessing Event: set, the run in progress stops after its current batch."""
@@ -212,7 +220,12 @@ def _sends_of(index: int, upto: int, offset: int, n: int) -> int:
 
 
 def _child(
-    conn: multiprocessing.connection.Connection, port: int, n: int, connections: int, shuffled: bool, halt: Any
+    conn: multiprocessing.connection.Connection,
+    port: int,
+    n: int,
+    connections: int,
+    shuffled: bool,
+    halt: multiprocessing.synchronize.Event,
 ) -> None:
     try:
         generator = _Generator(port, n, connections, shuffled, halt)

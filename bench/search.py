@@ -119,16 +119,16 @@ def step(
     wait_counted(consumer, base + report.sent, drain)
     received = consumer.count() - base
     drain_s = time.monotonic() - end
+    seconds = report.ended - report.started
     why = ""
     if behind:
-        why = f"{behind:.1f} s behind; cut at {report.ended - report.started:.0f} s"
+        why = f"{behind:.1f} s behind; cut at {seconds:.0f} s"
     elif report.achieved_per_s < 0.97 * rate:
         why = f"offered only {report.achieved_per_s / 1000:.0f}k/s"
     elif received != report.sent:
         why = f"{received}/{report.sent} in time"
     elif check is not None:
         why = check()
-    seconds = report.ended - report.started
     result = Step(rate, window, report.sent, received, report.achieved_per_s, drain_s, not why, why, seconds)
     if why:
         settle(consumer, quiet)

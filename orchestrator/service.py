@@ -86,8 +86,7 @@ class WallClock:
 
     def __init__(self) -> None:
         self.mono0 = time.monotonic()
-        self.wall0 = time.time()
-        self.offset = self.wall0 - self.mono0
+        self.offset = time.time() - self.mono0
         """Wall-clock minus monotonic seconds: one addition maps a whole batch (the last-seen flush)."""
 
     def wall(self, mono: float) -> float:

@@ -1,7 +1,9 @@
 """The ingest search's rules, on a fake generator and consumer that hold exactly what they are told to.
 
-No broker and no timing: the fake consumer counts a step's pulses at once
-when the step's rate is one it holds, and a fraction of them otherwise.
+No broker: the fake consumer counts a step's pulses at once when the
+step's rate is one it holds, and a fraction of them otherwise. The only
+waits are the search's own (settling and going idle after a failed step,
+and the lag that cuts a stalled step short).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ the machine's two cores went.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from ..consumers import Consumer, MosquittoSub, OrchestratorCounter, PahoSubscriber
 from ..context import Context
@@ -77,6 +78,26 @@ def orchestrator_search(
     return search(load, counter, quick=ctx.quick, window=window, quiet=1.2, check=check, idle=[b.mosquitto.process.pid])
 
 
+def bare_search(
+    ctx: Context,
+    make: Callable[[int], Consumer],
+    n: int,
+    window: float,
+    split_s: float,
+    splits: dict[str, dict[str, float]],
+) -> SearchResult:
+    """A bare subscriber's CPU split and search, on a Mosquitto and a generator of its own."""
+    with bench("ingest-bare") as b, LoadProcess(b.port, n) as load:
+        consumer = make(b.port)
+        try:
+            splits[consumer.name] = cpu_split(b, load, consumer, split_s)
+            found = search(load, consumer, quick=ctx.quick, window=window, idle=[b.mosquitto.process.pid])
+        finally:
+            consumer.close()
+    ctx.say(f"{found.consumer}: {found.best:,}/s ({found.summary()})")
+    return found
+
+
 def run(ctx: Context) -> Result:
     result = Result("ingest")
     n = 5_000 if ctx.quick else 100_000
@@ -84,22 +105,8 @@ def run(ctx: Context) -> Result:
     split_s = 0.5 if ctx.quick else 5.0
     splits: dict[str, dict[str, float]] = {}
     # A fresh Mosquitto (and generator) per consumer: see the module's docstring.
-    with bench("ingest-paho") as b, LoadProcess(b.port, n) as load:
-        paho = PahoSubscriber(b.port)
-        try:
-            splits["paho"] = cpu_split(b, load, paho, split_s)
-            baseline = search(load, paho, quick=ctx.quick, window=window, idle=[b.mosquitto.process.pid])
-        finally:
-            paho.close()
-    ctx.say(f"paho: {baseline.best:,}/s ({baseline.summary()})")
-    with bench("ingest-mosquitto_sub") as b, LoadProcess(b.port, n) as load:
-        msub = MosquittoSub(b.port)
-        try:
-            splits["mosquitto_sub"] = cpu_split(b, load, msub, split_s)
-            ceiling = search(load, msub, quick=ctx.quick, window=window, idle=[b.mosquitto.process.pid])
-        finally:
-            msub.close()
-    ctx.say(f"mosquitto_sub: {ceiling.best:,}/s ({ceiling.summary()})")
+    baseline = bare_search(ctx, PahoSubscriber, n, window, split_s, splits)
+    ceiling = bare_search(ctx, MosquittoSub, n, window, split_s, splits)
     with bench("ingest-orchestrator") as b, LoadProcess(b.port, n) as load:
         orch = orchestrator_search(ctx, b, load, n, window, splits)
     ctx.say(f"orchestrator: {orch.best:,}/s ({orch.summary()})")

@@ -81,6 +81,12 @@ def test_search_finds_the_highest_rate_held_for_the_full_window_within_five_perc
     assert 133_000 * 0.95 <= best <= 133_000
 
 
+def test_low_rates_are_resolved_within_five_percent_too() -> None:
+    """Whole thousands would settle at 8,000/s here: 10 % off, too coarse for a 0.9 ratio target."""
+    best, _ = _search(lambda rate, window: rate <= 8_900, ladder=[2_000, 4_000, 8_000, 12_000, 16_000])
+    assert 8_900 * 0.95 <= best <= 8_900
+
+
 def test_a_rate_that_failed_only_a_short_step_gets_the_full_window() -> None:
     """A 3 s step at 12,000/s failing by chance must not cap the result at 10,000/s."""
     best, steps = _search(

@@ -214,6 +214,9 @@ class Orchestrator:
         """Flips every channel has: the writer marks them notified in the database."""
         self._status_due: set[str] = set()
         self._outbox_wake = asyncio.Event()
+        self._publisher_idle = asyncio.Event()
+        """Clear while the publisher has transitions to commit or notices to send: the refresher waits."""
+        self._publisher_idle.set()
         self._rearm = asyncio.Event()
         self._sentinel_timer: asyncio.TimerHandle | None = None
         self._pending_flips = _FlipQueue()
@@ -1001,14 +1004,19 @@ class Orchestrator:
         while True:
             await self._outbox_wake.wait()
             self._outbox_wake.clear()
-            await self._commit_outbox()  # connected or not: the database is told at once
-            client = self._client
-            if client is None:
-                continue  # re-woken on connect
+            self._publisher_idle.clear()
             try:
-                await self._publish_due(client)
-            except (aiomqtt.MqttError, PulseReaderError) as exc:
-                log.warning("publishing paused, broker connection lost: %s", exc)
+                await self._commit_outbox()  # connected or not: the database is told at once
+                client = self._client
+                if client is None:
+                    continue  # re-woken on connect
+                try:
+                    await self._publish_due(client)
+                except (aiomqtt.MqttError, PulseReaderError) as exc:
+                    log.warning("publishing paused, broker connection lost: %s", exc)
+            finally:
+                if not self._outbox_wake.is_set():
+                    self._publisher_idle.set()
 
     async def _commit_outbox(self) -> None:
         """Write the new transitions (waiting at most ``db_timeout``) and queue their statuses and alerts.
@@ -1148,6 +1156,9 @@ class Orchestrator:
         batch_size, pause = 500, 0.05  # at most 10,000 a second
         while True:
             await self._refresh_wake.wait()
+            # Verdicts first: a burst of them (a mass death during the refresh after a start) must not
+            # share the broker's in-flight window, the event loop and the observers' links with it.
+            await self._publisher_idle.wait()
             client = self._client
             if client is None or not self._refresh:
                 self._refresh_wake.clear()

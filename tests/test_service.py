@@ -552,3 +552,29 @@ def test_transitions_without_an_event_are_not_logged(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.DEBUG, logger="orchestrator"):
         Orchestrator._log_events(wave)
     assert caplog.records == []
+
+
+def test_the_status_refresh_waits_while_verdicts_are_being_published(
+    orchestrator: Orchestrator, registered: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mass death during the paced refresh after a start must not share the link with 100,000 statuses."""
+    sent: list[list[str]] = []
+
+    async def send(client: object, messages: Any) -> None:
+        sent.append([topic for topic, _, _ in messages])
+
+    monkeypatch.setattr(orchestrator, "_send", send)
+
+    async def scenario() -> None:
+        orchestrator._client = object()  # type: ignore[assignment]
+        orchestrator._publisher_idle.clear()  # the publisher has verdicts in hand
+        orchestrator._refresh_later(registered)
+        refresher = asyncio.create_task(orchestrator._refresher())
+        await asyncio.sleep(0.1)
+        assert sent == []
+        orchestrator._publisher_idle.set()
+        await asyncio.sleep(0.1)
+        refresher.cancel()
+        assert sent == [[TOPICS.status(registered)]]
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))

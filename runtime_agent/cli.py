@@ -98,6 +98,10 @@ def shell_check(command: str, timeout: float) -> Callable[[], bool]:
     return check
 
 
+_SIGNAL_POLL = 0.2
+"""Seconds between the main thread's checks for SIGTERM/SIGINT while the agent runs."""
+
+
 class _Interrupted(BaseException):
     """Raised by the signal handler to abandon a start that is still waiting."""
 
@@ -135,14 +139,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             agent.start()
+            starting = False
         except HeartbeatError as exc:
             return _error(exc, 1)
         except _Interrupted:
             log.info("interrupted before registration completed")
+            agent.stop()  # the signal may have come just after start() returned
             return 0
-        starting = False
         _announce(agent, args)
-        stop.wait()
+        # A signal that the kernel hands to another thread (paho's, the pulser's) runs its handler only once
+        # the main thread runs Python again; blocked in a lock with no timeout, it would never stop.
+        while not stop.wait(_SIGNAL_POLL):
+            pass
         agent.stop()
         return 0
     finally:

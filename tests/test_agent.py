@@ -548,6 +548,44 @@ def test_cli_sigterm_publishes_stopped_and_exits_0(
     assert [state.state for state in orchestrator.states(rid)] == ["online", "stopped"]
 
 
+_SIGNAL_FROM_A_WORKER_THREAD = """
+import signal, sys, threading, time
+from runtime_agent import cli
+
+def kill_from_a_worker_thread():
+    while not any(t.name.startswith("runtime-agent-") for t in threading.enumerate()):
+        time.sleep(0.01)
+    time.sleep(0.5)  # main() is waiting for a signal by now
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+threading.Thread(target=kill_from_a_worker_thread, daemon=True).start()
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(30)
+def test_cli_stops_on_a_sigterm_the_kernel_delivered_to_another_thread(
+    mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator, tmp_path: Path
+) -> None:
+    """The kernel may hand a process's signal to any thread; the main thread must still stop the agent."""
+    rid = runtime_id()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with (tmp_path / "agent.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _SIGNAL_FROM_A_WORKER_THREAD, *cli_args(mosquitto, rid)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=env,
+            cwd=ROOT,
+        )
+        try:
+            assert process.wait(15) == 0
+        finally:
+            process.kill()
+    session = orchestrator.wait_for(state_is("online", rid)).state.session
+    orchestrator.wait_for(state_is("stopped", rid, session))
+
+
 @pytest.mark.timeout(30)
 def test_cli_check_false_withholds_pulses(
     run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator

@@ -1006,17 +1006,21 @@ class Orchestrator:
             self._outbox_wake.clear()
             self._publisher_idle.clear()
             try:
-                await self._commit_outbox()  # connected or not: the database is told at once
-                client = self._client
-                if client is None:
-                    continue  # re-woken on connect
-                try:
-                    await self._publish_due(client)
-                except (aiomqtt.MqttError, PulseReaderError) as exc:
-                    log.warning("publishing paused, broker connection lost: %s", exc)
+                await self._publish_round()
             finally:
                 if not self._outbox_wake.is_set():
                     self._publisher_idle.set()
+
+    async def _publish_round(self) -> None:
+        """Commit the new transitions, then (if connected) publish what is due."""
+        await self._commit_outbox()  # connected or not: the database is told at once
+        client = self._client
+        if client is None:
+            return  # re-woken on connect
+        try:
+            await self._publish_due(client)
+        except (aiomqtt.MqttError, PulseReaderError) as exc:
+            log.warning("publishing paused, broker connection lost: %s", exc)
 
     async def _commit_outbox(self) -> None:
         """Write the new transitions (waiting at most ``db_timeout``) and queue their statuses and alerts.

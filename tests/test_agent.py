@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,13 +236,13 @@ def started_agent(make_agent: Callable[..., Agent], orchestrator: FakeOrchestrat
 
 
 class AgentProcess:
-    """``python -m runtime_agent`` as users run it; stdout lines are collected as they come."""
+    """``python -m runtime_agent`` as users run it (or ``entry`` instead); stdout lines are collected as they come."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, entry: Sequence[str] = ("-m", "runtime_agent")) -> None:
         self._log = log.open("wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "runtime_agent", *args],
+            [sys.executable, *entry, *args],
             stdout=subprocess.PIPE,
             stderr=self._log,
             env=env,
@@ -282,8 +282,8 @@ def run_cli(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     """Starts ``python -m runtime_agent`` with the given arguments; kills leftovers afterwards."""
     processes: list[AgentProcess] = []
 
-    def run(*args: str) -> AgentProcess:
-        process = AgentProcess(list(args), tmp_path / f"agent-{len(processes)}.log")
+    def run(*args: str, entry: Sequence[str] = ("-m", "runtime_agent")) -> AgentProcess:
+        process = AgentProcess(list(args), tmp_path / f"agent-{len(processes)}.log", entry)
         processes.append(process)
         return process
 
@@ -565,23 +565,12 @@ sys.exit(cli.main(sys.argv[1:]))
 
 @pytest.mark.timeout(30)
 def test_cli_stops_on_a_sigterm_the_kernel_delivered_to_another_thread(
-    mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator, tmp_path: Path
+    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator
 ) -> None:
     """The kernel may hand a process's signal to any thread; the main thread must still stop the agent."""
     rid = runtime_id()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with (tmp_path / "agent.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-c", _SIGNAL_FROM_A_WORKER_THREAD, *cli_args(mosquitto, rid)],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            env=env,
-            cwd=ROOT,
-        )
-        try:
-            assert process.wait(15) == 0
-        finally:
-            process.kill()
+    agent = run_cli(*cli_args(mosquitto, rid), entry=("-c", _SIGNAL_FROM_A_WORKER_THREAD))
+    assert agent.process.wait(15) == 0
     session = orchestrator.wait_for(state_is("online", rid)).state.session
     orchestrator.wait_for(state_is("stopped", rid, session))
 

@@ -789,12 +789,18 @@ class Orchestrator:
             batch = [await self._requests.get()]
             while len(batch) < _REQUEST_BATCH and not self._requests.empty():
                 batch.append(self._requests.get_nowait())
+            replies: list[tuple[_Request, bytes]] = []
             try:
-                await self._register_batch(batch)
+                await self._register_batch(batch, replies)
             except Exception:
                 log.exception("registration batch failed")
+            # Replies go after the whole batch is in the detector, all at once: awaited one by one, each
+            # QoS 1 round trip held back the next registration (a second for a few hundred), while
+            # those runtimes' pulses were refused as unregistered and their first window ran out.
+            await asyncio.gather(*(self._reply(req, payload) for req, payload in replies))
 
-    async def _register_batch(self, batch: list[_Request]) -> None:
+    async def _register_batch(self, batch: list[_Request], replies: list[tuple[_Request, bytes]]) -> None:
+        """Store and apply a batch of interval requests; the replies they owe are appended to ``replies``."""
         accepted: list[tuple[_Request, protocol.IntervalRequest | None]] = []
         new_in_batch: set[str] = set()
         for req in batch:
@@ -810,7 +816,7 @@ class Orchestrator:
             except ProtocolError as exc:
                 self._reject(exc.reason, req.runtime_id, f"interval request: {exc}")
                 if not req.retained:
-                    await self._reply(req, protocol.encode_reply_error(_shown_id(req.runtime_id), str(exc)))
+                    replies.append((req, protocol.encode_reply_error(_shown_id(req.runtime_id), str(exc))))
                 continue
             if req.retained and interval is not None and req.runtime_id in self.detector:
                 view = self.detector.view(req.runtime_id)
@@ -821,7 +827,7 @@ class Orchestrator:
                 reason, error = refusal
                 self._reject(reason, req.runtime_id, f"interval request: {error}")
                 if not req.retained:
-                    await self._reply(req, protocol.encode_reply_error(req.runtime_id, error))
+                    replies.append((req, protocol.encode_reply_error(req.runtime_id, error)))
                 continue
             if interval is not None and req.runtime_id not in self.detector:
                 new_in_batch.add(req.runtime_id)
@@ -841,7 +847,7 @@ class Orchestrator:
             for req, _ in accepted:
                 if not req.retained:
                     error = "the orchestrator's database is unavailable; try again"
-                    await self._reply(req, protocol.encode_reply_error(req.runtime_id, error))
+                    replies.append((req, protocol.encode_reply_error(req.runtime_id, error)))
             return
         now = time.monotonic()
         for req, interval in accepted:
@@ -861,7 +867,7 @@ class Orchestrator:
                     self._emit(transition)
             if not req.retained:
                 self.stats["registrations"] += 1
-                await self._reply(req, protocol.encode_reply_ok(rid, interval))
+                replies.append((req, protocol.encode_reply_ok(rid, interval)))
         self._rearm.set()
         self._outbox_wake.set()
 

@@ -205,11 +205,12 @@ def test_orchestrator_sigkill_while_1000_runtimes_pulse(tmp_path: Path, sqlite_u
 
         wait_until(all_alive, 60, "all 1,000 runtimes alive", every=0.5)
         time.sleep(INTERVAL)
+        assert alert_ids(d, "dead", started) == [], "pulses that came right behind the registrations"
 
         killed = time.monotonic()
         first.stop(signal.SIGKILL)
         fleet.silent |= doomed
-        d.start_orchestrator()
+        second = d.start_orchestrator()
         ready = ready_after(d, killed)
         measure("SIGKILL to restarted orchestrator ready", ready - killed, "s")
 
@@ -225,7 +226,9 @@ def test_orchestrator_sigkill_while_1000_runtimes_pulse(tmp_path: Path, sqlite_u
         measure("false dead alerts", len(false_alerts), "alerts")
         assert false_alerts == []
         assert dead == sorted(doomed), "each silent runtime is reported exactly once"
-        assert max(detections) <= WINDOW + SLACK, detections
+        # A late verdict has a cause in the log (a stall, a lost echo, a reconnect): show it.
+        notes = [line for line in second.log().splitlines()[-20000:] if " WARNING " in line or " ready: " in line]
+        assert max(detections) <= WINDOW + SLACK, (detections, notes[-30:])
         assert min(detections) >= WINDOW - 0.5, "a restarted orchestrator must give every runtime a full window"
     finally:
         if fleet is not None:

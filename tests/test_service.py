@@ -286,6 +286,24 @@ def register_all(orchestrator: Orchestrator, requests: list[tuple[str, bytes]]) 
     asyncio.run(asyncio.wait_for(scenario(), 20))
 
 
+def test_a_batch_is_in_the_detector_before_its_first_reply_goes_out(
+    orchestrator: Orchestrator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replies are QoS 1 round trips: awaited one by one between registrations, they kept the rest of
+    a batch unregistered (its pulses refused) for a second per few hundred, and its first window ran out."""
+    ids = [f"rt-{i}" for i in range(50)]
+    registered_when_replying: list[int] = []
+
+    async def slow_reply(req: Any, payload: bytes) -> None:
+        registered_when_replying.append(sum(rid in orchestrator.detector for rid in ids))
+        await asyncio.sleep(0.01)
+
+    monkeypatch.setattr(orchestrator, "_reply", slow_reply)
+    register_all(orchestrator, [(rid, protocol.encode_interval(5.0)) for rid in ids])
+    assert registered_when_replying
+    assert set(registered_when_replying) == {len(ids)}
+
+
 def test_registrations_beyond_max_runtimes_are_refused(sqlite_url: str) -> None:
     orchestrator = Orchestrator(Config(db=sqlite_url, broker=UNREACHABLE_BROKER, max_runtimes=3))
     register_all(orchestrator, [(f"rt-{i}", protocol.encode_interval(5.0)) for i in range(5)])

@@ -1,6 +1,7 @@
 """Pulse consumers the ingest search compares, each counting exactly what it received.
 
 * :class:`OrchestratorCounter`: the orchestrator's own ``pulses`` counter (stats topic);
+* :class:`MetricsCounter`: the same counter read over HTTP (``/metrics``), off the broker;
 * :class:`PahoSubscriber`: a bare paho-mqtt 2.x subscriber (callback API v2) in a child
   process, counting in ``on_message``;
 * :class:`MosquittoSub`: ``mosquitto_sub -F %t`` piped to a thread here that counts the
@@ -10,11 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.sharedctypes
 import subprocess
 import threading
 import time
+import urllib.request
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -54,6 +57,52 @@ class OrchestratorCounter:
 
     def close(self) -> None:
         pass
+
+
+class MetricsCounter:
+    """The orchestrator's ``pulses`` counter, polled from its ``/metrics`` endpoint every 50 ms.
+
+    For a broker that queues every publish in one line (amqtt): the stats
+    message waits behind the very pulse backlog it reports, so a count read
+    from the stats topic arrives as late as the broker is behind, and the
+    search saw twice the real lag (the embedded search cut the orchestrator's
+    steps at half the backlog the paho baseline's were allowed).
+    """
+
+    name = "orchestrator"
+
+    def __init__(self, url: str, pid: int) -> None:
+        self.url = url
+        self.pid = pid
+        self._count = 0
+        self._stop = threading.Event()
+        self._poll()
+        self._thread = threading.Thread(target=self._run, name="metrics-counter", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        with urllib.request.urlopen(self.url, timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                name, _, value = line.partition(" ")
+                if name in ("heartbeat_pulses_received", "heartbeat_pulses_received_total"):
+                    self._count = int(float(value))
+                    return
+        raise RuntimeError(f"no heartbeat_pulses_received in {self.url}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(OSError):  # a slow scrape: the next one tells
+                self._poll()
+
+    def count(self) -> int:
+        return self._count
+
+    def nudge(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def _paho_child(port: int, counter: Any, ready: Any, stop: Any) -> None:

@@ -2,10 +2,12 @@
 
 The orchestrator runs without ``--broker`` (``--listen 127.0.0.1:PORT``): it
 starts the amqtt broker as its child process and, amqtt speaking MQTT 3.1.1
-only, pulses ride its general client. The baseline is a bare paho subscriber
-on the same broker process started alone (``python -m orchestrator.broker``,
-the very command the orchestrator runs). 100,000 runtimes (quick 5,000),
-interval = grace = 3600 s.
+only, pulses ride its general client. Its count is read from its
+``/metrics`` endpoint, as the baseline's is read in its own process: on
+amqtt the stats topic would bring it late (see ``MetricsCounter``). The
+baseline is a bare paho subscriber on the same broker process started
+alone (``python -m orchestrator.broker``, the very command the orchestrator
+runs). 100,000 runtimes (quick 5,000), interval = grace = 3600 s.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import subprocess
 
 from orchestrator.broker import broker_command, child_env, free_port, wait_for_port
 
-from ..consumers import OrchestratorCounter, PahoSubscriber
+from ..consumers import MetricsCounter, PahoSubscriber
 from ..context import Context
 from ..harness import Result, _stop, bench, child_pids, wait_settled
 from ..load import LoadProcess
@@ -50,8 +52,13 @@ def run(ctx: Context) -> Result:
             _stop(broker)
         ctx.say(f"paho on amqtt: {baseline.best:,}/s ({baseline.summary()})")
 
-        port = free_port()
-        orch = b.orchestrator(b.seed(n, interval=3600, grace=3600), broker=None, listen=f"127.0.0.1:{port}")
+        port, http = free_port(), free_port()
+        orch = b.orchestrator(
+            b.seed(n, interval=3600, grace=3600),
+            broker=None,
+            listen=f"127.0.0.1:{port}",
+            extra={"http": f"127.0.0.1:{http}"},
+        )
         wait_for_port(port, 120)
         observer = b.observer(port)
         observer.fresh_stats(120)
@@ -64,9 +71,11 @@ def run(ctx: Context) -> Result:
                 dead = observer.stats.get("states", {}).get("dead", 0)
                 return f"{dead} dead" if dead else ""
 
+            counter = MetricsCounter(f"http://127.0.0.1:{http}/metrics", orch.pid)  # not via the broker
+            b.on_close(counter.close)
             found = search(
                 load,
-                OrchestratorCounter(observer, orch.pid),
+                counter,
                 quick=ctx.quick,
                 window=window,
                 quiet=1.2,

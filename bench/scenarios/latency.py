@@ -56,9 +56,11 @@ class Pace:
 
 @dataclass
 class Phase:
-    """One stop window: ``ids`` maps the runtimes that stopped to their deadlines."""
+    """One stop window: ``deadlines`` maps the runtimes that stopped to their deadlines."""
 
     deadlines: dict[str, float]
+    achieved_per_s: float
+    """The rate the generator really offered."""
     offset: int
     """Where the round robin goes on in the next run (so every runtime keeps its interval)."""
 
@@ -86,7 +88,7 @@ def stop_some(
     count = int(pace.rate * (lead + pace.window + pace.tail))
     report = load.run(rate=pace.rate, count=count, offset=offset, stops=stops, batch=1000, tick=0.002)
     deadlines = {runtime_id(i): report.last_sent[i] + pace.interval + pace.grace for i in stopping}
-    return Phase(deadlines, (offset + count) % load.n)
+    return Phase(deadlines, report.achieved_per_s, (offset + count) % load.n)
 
 
 def settle(
@@ -170,6 +172,7 @@ def run(ctx: Context) -> Result:
     result.extra.update(
         runtimes=n,
         rate_per_s=rate,
+        achieved_per_s=round(steady.achieved_per_s),
         stopped=len(steady.deadlines),
         settled_s=round(settled_s, 1),
         min_ms=round(min(lateness), 1) if lateness else None,
@@ -182,4 +185,6 @@ def run(ctx: Context) -> Result:
         f"stopped over {window:g} s, {settled_s:.0f} s after the first phase; after start: "
         f"{len(after_start.deadlines)} stopped; {missing + early_missing} verdicts missing"
     )
+    if settled_s >= SETTLE_LIMIT:
+        result.notes.append(f"start-up work not done within {SETTLE_LIMIT:g} s: the steady phase began anyway")
     return result

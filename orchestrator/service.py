@@ -72,8 +72,6 @@ _LOGGED_EVENTS = 20
 """Events logged a line each per batch of transitions; the rest are counted by kind of event."""
 _SETTLE_BUDGET = 1_000
 """Stale deadlines the watcher re-arms per event-loop turn (1-7 ms of work, the database thread permitting)."""
-_FLUSH_DUTY = 0.5
-"""The share of its time the last-seen flush may keep the database thread busy (it waits the rest)."""
 _COMMAND_QUEUE = 1_000
 """Maintenance commands waiting to run; more are refused (``busy``): they are a person's, not a fleet's."""
 _CLEAR_ECHO = 30.0
@@ -1371,15 +1369,14 @@ class Orchestrator:
         began = time.monotonic()
         for chunk in backlog:
             yield chunk
-            if not give_way:
-                continue
-            # A share of the time at most: a flush of 230,000 rows at full speed took a core for half a
-            # second, the pulses were read late meanwhile, and so were the verdicts that depend on them.
-            # The pause ends at once when an alert waits (an Event, not time.sleep, which libfaketime's
-            # offset clocks in the clock tests make fail).
-            if waiting.wait((time.monotonic() - began) * (1 / _FLUSH_DUTY - 1)):
+            if give_way and waiting.is_set():
                 return
-            began = time.monotonic()
+            if give_way:
+                # Half the time at most: a flush of 230,000 rows at full speed took a core for half a
+                # second, the pulses were read late meanwhile, and so were the verdicts that depend on them.
+                done = time.monotonic()
+                time.sleep(done - began)
+                began = time.monotonic()
         self._seen_done = True
 
     async def _final_flush(self) -> None:

@@ -1366,17 +1366,10 @@ class Orchestrator:
         ``_seen_done`` when the backlog is exhausted.
         """
         waiting = self._pending_flips.alert_waiting
-        began = time.monotonic()
         for chunk in backlog:
             yield chunk
             if give_way and waiting.is_set():
                 return
-            if give_way:
-                # Half the time at most: a flush of 230,000 rows at full speed took a core for half a
-                # second, the pulses were read late meanwhile, and so were the verdicts that depend on them.
-                done = time.monotonic()
-                time.sleep(done - began)
-                began = time.monotonic()
         self._seen_done = True
 
     async def _final_flush(self) -> None:

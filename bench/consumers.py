@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
 from .harness import MOSQUITTO_SUB, PREFIX, Observer
 
@@ -82,12 +83,13 @@ class MetricsCounter:
 
     def _poll(self) -> None:
         with urllib.request.urlopen(self.url, timeout=5) as response:
-            for line in response.read().decode().splitlines():
-                name, _, value = line.partition(" ")
-                if name in ("heartbeat_pulses_received", "heartbeat_pulses_received_total"):
-                    self._count = int(float(value))
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "heartbeat_pulses_received_total":
+                    self._count = int(sample.value)
                     return
-        raise RuntimeError(f"no heartbeat_pulses_received in {self.url}")
+        raise RuntimeError(f"no heartbeat_pulses_received_total in {self.url}")
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):

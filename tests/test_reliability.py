@@ -226,9 +226,11 @@ def test_orchestrator_sigkill_while_1000_runtimes_pulse(tmp_path: Path, sqlite_u
         measure("false dead alerts", len(false_alerts), "alerts")
         assert false_alerts == []
         assert dead == sorted(doomed), "each silent runtime is reported exactly once"
-        # A late verdict has a cause in the log (a stall, a lost echo, a reconnect): show it.
-        notes = [line for line in second.log().splitlines()[-20000:] if " WARNING " in line or " ready: " in line]
-        assert max(detections) <= WINDOW + SLACK, (detections, notes[-30:])
+        # A late verdict has a cause in the log (a stall, a lost echo, a reconnect): show it (read only on failure).
+        assert max(detections) <= WINDOW + SLACK, (
+            detections,
+            [line for line in second.log().splitlines() if " WARNING " in line or " ready: " in line][-30:],
+        )
         assert min(detections) >= WINDOW - 0.5, "a restarted orchestrator must give every runtime a full window"
     finally:
         if fleet is not None:

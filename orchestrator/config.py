@@ -85,7 +85,11 @@ class Config:
     tls_key: str | None = None
     """Private key (PEM) of ``tls_cert``."""
     flush_interval: float = 5.0
-    """Seconds between batched writes of last-seen times."""
+    """Seconds between batched writes of last-seen times (and of the record that the orchestrator is running)."""
+    last_seen_every: float = 60.0
+    """How far a live runtime's last-seen time in the database may fall behind (plus one interval + grace and
+    a flush): it is written about once a window, at most once per this many seconds, not once per pulse.
+    A change of state and a clean stop write it exactly; the web API and the alerts always have it live."""
     db_timeout: float = 2.0
     """How long a verdict waits for the database before it is published from memory."""
     echo_timeout: float = 2.0
@@ -156,6 +160,8 @@ class Config:
             raise ConfigError("keepalive: between 5 and 3600 seconds")
         if not 0.1 <= self.flush_interval <= 3600:
             raise ConfigError("flush_interval: between 0.1 and 3600 seconds")
+        if not 0.0 <= self.last_seen_every <= 86400:
+            raise ConfigError("last_seen_every: between 0 and 86400 seconds")
         if not 0.0 < self.db_timeout <= 60:
             raise ConfigError("db_timeout: between 0 and 60 seconds")
         if not 0.05 <= self.echo_timeout <= 60:

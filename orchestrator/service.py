@@ -202,7 +202,7 @@ class Orchestrator:
         self.config = config
         self.topics = Topics(config.prefix)
         self.clock = WallClock()
-        self.detector = Detector(now=time.monotonic())
+        self.detector = Detector(now=time.monotonic(), seen_every=config.last_seen_every)
         self.store = Store(config.db)
         self.stats: collections.Counter[str] = collections.Counter()
         self.ready = asyncio.Event()
@@ -228,6 +228,8 @@ class Orchestrator:
         self._pending_flips = _FlipQueue()
         self._flip_waiters: list[asyncio.Future[set[str]]] = []
         self._flush_seen = False
+        self._flush_all = False
+        """Set by a clean stop: the next flush takes every last-seen time not yet stored, not just those due."""
         self._seen_taken: dict[str, float] = {}
         """The last-seen times (monotonic) the flush in progress took from the detector."""
         self._seen_backlog: Iterator[list[tuple[str, float]]] | None = None
@@ -1310,7 +1312,7 @@ class Orchestrator:
         alive_at = None
         if self._flush_seen and self._seen_backlog is None:
             self._flush_seen = False
-            self._seen_taken = self.detector.take_seen()
+            self._seen_taken = self.detector.take_all_seen() if self._flush_all else self.detector.take_seen()
             self._seen_backlog = in_key_order(self._seen_taken, self.clock.offset)
             self._seen_done = False
             alive_at = time.time()
@@ -1373,7 +1375,7 @@ class Orchestrator:
         self._seen_done = True
 
     async def _final_flush(self) -> None:
-        self._flush_seen = True
+        self._flush_seen = self._flush_all = True
         try:
             async with asyncio.timeout(10):
                 while True:

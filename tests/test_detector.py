@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -563,8 +565,7 @@ def test_reregistered_runtime_is_not_judged_by_its_old_heap_entry(det: Detector,
 
 
 def test_deregister_drops_unsaved_last_seen(det: Detector, clock: FakeClock) -> None:
-    register_alive(det, clock)
-    det.pulse("rt-1", clock.advance(1))
+    pulsed_then_rearmed(det, clock)
 
     det.deregister("rt-1")
 
@@ -706,24 +707,98 @@ def test_will_is_still_acted_on_while_suspended(det: Detector, clock: FakeClock)
 # --- take_seen and next_deadline -------------------------------------------------------------------
 
 
-def test_take_seen_returns_changed_last_seen_times_once(det: Detector, clock: FakeClock) -> None:
-    det.register("a", IV, GRACE, clock.now)
-    det.register("b", IV, GRACE, clock.now)
-    det.register("c", IV, GRACE, clock.now)
-    det.pulse("a", clock.advance(1))
-    det.pulse("b", clock.advance(1))
-    det.pulse("a", clock.advance(1))
+def pulsed_then_rearmed(det: Detector, clock: FakeClock, rid: str = "rt-1") -> float:
+    """Register ``rid``, pulse it once, and reach its first deadline so it is re-armed; the pulse's time."""
+    register_alive(det, clock, rid)
+    seen = clock.advance(1)
+    det.pulse(rid, seen)
+    assert det.expire(clock.advance(IV + GRACE - 1)) == []  # the entry armed at registration
+    return seen
 
-    assert det.take_seen() == {"a": clock.now, "b": clock.now - 1}
+
+def test_a_pulse_alone_picks_no_last_seen_for_the_database(det: Detector, clock: FakeClock) -> None:
+    register_alive(det, clock)
+    det.pulse("rt-1", clock.advance(1))
+    det.pulse("rt-1", clock.advance(1))
+
     assert det.take_seen() == {}
 
-    det.pulse("c", clock.advance(1))
-    assert det.take_seen() == {"c": clock.now}
+
+def test_a_rearm_picks_the_last_seen_time_once(det: Detector, clock: FakeClock) -> None:
+    seen = pulsed_then_rearmed(det, clock)
+
+    assert det.take_seen() == {"rt-1": seen}
+    assert det.take_seen() == {}
+
+
+def test_a_live_runtime_is_picked_once_per_seen_every_and_never_further_behind(clock: FakeClock) -> None:
+    det = Detector(now=clock.now, seen_every=60.0)
+    register_alive(det, clock)
+    start = clock.now
+    picks: list[float] = []
+    while clock.now - start < 600:
+        det.pulse("rt-1", clock.advance(IV / 2))
+        assert det.expire(clock.now) == []
+        picks.extend(det.take_seen().values())
+
+    assert 10 <= len(picks) <= 12  # the first at the first re-arm, then one per period of 60 s
+    assert max(b - a for a, b in itertools.pairwise(picks)) <= 60 + IV + GRACE
+
+
+def test_runtimes_picked_together_are_next_picked_spread_over_the_period(clock: FakeClock) -> None:
+    det = Detector(now=clock.now, seen_every=60.0)
+    ids = [f"rt-{i}" for i in range(1000)]
+    for rid in ids:
+        register_alive(det, clock, rid)
+    first: set[str] = set()
+    second: dict[str, float] = {}
+    for step in range(1, 3000):  # 300 s; each runtime pulses every 5 s, 20 of them every 0.1 s
+        for rid in ids[step % 50 :: 50]:
+            det.pulse(rid, clock.advance(0.1 / 20))
+        assert det.expire(clock.now) == []
+        for rid in det.take_seen():
+            if rid in first:
+                second.setdefault(rid, clock.now)
+            first.add(rid)
+
+    assert len(second) == len(ids)
+    per_6_s = Counter(int(at // 6) for at in second.values())
+    assert max(per_6_s.values()) <= 400  # in waves of re-arms over the period, not all 1,000 in one
+
+
+def test_a_change_of_state_picks_its_exact_last_seen(clock: FakeClock) -> None:
+    det = Detector(now=clock.now, seen_every=3600.0)
+    pulsed_then_rearmed(det, clock)
+    det.take_seen()
+    seen = clock.advance(1)
+    det.pulse("rt-1", seen)
+
+    det.offline("rt-1", clock.advance(1))
+
+    assert det.take_seen() == {"rt-1": seen}
+
+
+def test_take_all_seen_takes_every_time_not_yet_handed_out(clock: FakeClock) -> None:
+    det = Detector(now=clock.now, seen_every=3600.0)
+    register_alive(det, clock, "a")
+    register_alive(det, clock, "b")
+    register_alive(det, clock, "never-pulsed")
+    det.pulse("a", clock.advance(1))
+    det.pulse("b", clock.advance(1))
+
+    assert det.take_all_seen() == {"a": clock.now - 1, "b": clock.now}
+    assert det.take_all_seen() == {}
+    assert det.take_seen() == {}
+
+
+def test_a_restored_last_seen_is_already_stored(det: Detector, clock: FakeClock) -> None:
+    det.restore("rt-1", interval=IV, grace=GRACE, state=ALIVE, since=1.0, last_seen=2.0, reason="pulse received")
+
+    assert det.take_all_seen() == {}
 
 
 def test_restore_seen_gives_back_unstored_times(det: Detector, clock: FakeClock) -> None:
-    det.register("a", IV, GRACE, clock.now)
-    det.pulse("a", clock.advance(1))
+    pulsed_then_rearmed(det, clock)
     taken = det.take_seen()
 
     det.restore_seen(taken)
@@ -731,12 +806,12 @@ def test_restore_seen_gives_back_unstored_times(det: Detector, clock: FakeClock)
     assert det.take_seen() == taken
 
 
-def test_restore_seen_keeps_newer_times_and_drops_deregistered_runtimes(det: Detector, clock: FakeClock) -> None:
-    det.register("a", IV, GRACE, clock.now)
-    det.register("b", IV, GRACE, clock.now)
+def test_restore_seen_gives_back_the_newest_times_of_runtimes_still_registered(det: Detector, clock: FakeClock) -> None:
+    register_alive(det, clock, "a")
+    register_alive(det, clock, "b")
     det.pulse("a", clock.advance(1))
     det.pulse("b", clock.now)
-    taken = det.take_seen()
+    taken = det.take_all_seen()
     det.pulse("a", clock.advance(1))
     det.deregister("b")
 

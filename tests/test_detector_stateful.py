@@ -45,7 +45,8 @@ class Model:
         self.runtimes: dict[str, ModelRuntime] = {}
         self.watch_from = now
         self.suspended = False
-        self.seen: dict[str, float] = {}
+        self.stored: dict[str, float] = {}
+        """The last-seen time the database holds for each runtime: the last one handed out, or restored."""
 
     def deadline(self, rid: str) -> float | None:
         rt = self.runtimes[rid]
@@ -91,7 +92,6 @@ class Model:
         if session is not None and session == rt.dead_session:
             return None
         rt.last_seen = now
-        self.seen[rid] = now
         return self.alive(rid, now, "pulse received")
 
     def online(self, rid: str, now: float, session: int | None, live: bool) -> Transition | None:
@@ -103,7 +103,6 @@ class Model:
         if not live:
             return None
         rt.last_seen = now
-        self.seen[rid] = now
         return self.alive(rid, now, "connected")
 
     def stale_session(self, rid: str, session: int | None) -> bool:
@@ -194,13 +193,15 @@ class DetectorMachine(RuleBasedStateMachine):
             rid, interval=interval, grace=grace, state=state, since=since, last_seen=last_seen, reason="restored"
         )
         self.model.runtimes[rid] = ModelRuntime(interval, grace, state, since, "restored", last_seen)
+        if last_seen is not None:
+            self.model.stored[rid] = last_seen
 
     @rule(rid=ids)
     def deregister(self, rid: str) -> None:
         known = rid in self.model.runtimes
         assert self.detector.deregister(rid) is known
         self.model.runtimes.pop(rid, None)
-        self.model.seen.pop(rid, None)
+        self.model.stored.pop(rid, None)
 
     # --- messages -------------------------------------------------------------------
 
@@ -295,10 +296,25 @@ class DetectorMachine(RuleBasedStateMachine):
         self.model.watch_from = self.now
         self.model.suspended = False
 
+    def handed_out(self, seen: dict[str, float]) -> None:
+        """Times for the database: of registered runtimes, seen by then, never older than the one stored."""
+        for rid, value in seen.items():
+            rt = self.model.runtimes[rid]
+            assert rt.last_seen is not None, rid
+            assert value <= rt.last_seen, (rid, value, rt.last_seen)
+            old = self.model.stored.get(rid)
+            assert old is None or value >= old, (rid, value, old)
+            self.model.stored[rid] = value
+
     @rule()
     def take_seen(self) -> None:
-        assert self.detector.take_seen() == self.model.seen
-        self.model.seen = {}
+        self.handed_out(self.detector.take_seen())
+
+    @rule()
+    def take_all_seen(self) -> None:
+        self.handed_out(self.detector.take_all_seen())
+        for rid, rt in self.model.runtimes.items():
+            assert self.model.stored.get(rid) == rt.last_seen, rid  # after a clean stop the database is exact
 
     # --- invariants ----------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import pytest
 from orchestrator.config import Config
 from orchestrator.detector import State, Transition
 from orchestrator.service import Orchestrator, _FlipQueue
-from orchestrator.store import CHUNK, FlipRow
+from orchestrator.store import CHUNK, FlipRow, Store
 from runtime_agent import protocol
 
 TOPICS = protocol.Topics()
@@ -344,7 +344,7 @@ FLUSHED = 3 * CHUNK
 
 @pytest.fixture
 def pulsed(orchestrator: Orchestrator) -> list[str]:
-    """IDs of ``FLUSHED`` runtimes in the database and the detector, each pulsed once (a flush's worth)."""
+    """IDs of ``FLUSHED`` runtimes in the database and the detector, each pulsed once and re-armed (a flush's worth)."""
     ids = [f"rt-{i:05d}" for i in range(FLUSHED)]
     orchestrator.store.open()
     orchestrator.store.register([(rid, 5.0, 5.0) for rid in ids], time.time())
@@ -353,7 +353,10 @@ def pulsed(orchestrator: Orchestrator) -> list[str]:
     now = time.monotonic()
     for rid in ids:
         orchestrator.detector.register(rid, 5.0, 5.0, now)
-        orchestrator.detector.pulse(rid, now)
+        orchestrator.detector.pulse(rid, now + 0.5)
+    first = orchestrator.detector.next_deadline()  # the entries armed at registration, before the pulses
+    assert first is not None
+    assert orchestrator.detector.expire(first) == []  # re-armed, and their times picked for the database
     return ids
 
 
@@ -366,6 +369,36 @@ def test_a_flush_without_alerts_is_one_transaction(orchestrator: Orchestrator, p
     assert asyncio.run(orchestrator._write_once())
     assert orchestrator.store.transactions == 1
     assert stored_last_seen(orchestrator) == len(pulsed)
+
+
+def test_pulses_alone_wait_for_their_rearm_before_the_database_has_them(orchestrator: Orchestrator) -> None:
+    orchestrator.store.open()
+    orchestrator.store.register([("rt-1", 5.0, 5.0)], time.time())
+    orchestrator.detector.register("rt-1", 5.0, 5.0, time.monotonic())
+    orchestrator.detector.pulse("rt-1", time.monotonic())
+    orchestrator._flush_seen = True
+
+    assert asyncio.run(orchestrator._write_once())
+
+    assert stored_last_seen(orchestrator) == 0
+
+
+def test_a_clean_stop_stores_every_last_seen_time_not_yet_stored(orchestrator: Orchestrator, sqlite_url: str) -> None:
+    ids = [f"rt-{i}" for i in range(3)]
+    orchestrator.store.open()
+    orchestrator.store.register([(rid, 5.0, 5.0) for rid in ids], time.time())
+    for rid in ids:
+        orchestrator.detector.register(rid, 5.0, 5.0, time.monotonic())
+        orchestrator.detector.pulse(rid, time.monotonic())
+
+    asyncio.run(orchestrator._final_flush())
+
+    reopened = Store(sqlite_url)
+    reopened.open()
+    rows = {row.id: row.last_seen for row in reopened.load()}
+    assert rows.keys() == set(ids)
+    for rid in ids:
+        assert rows[rid] == pytest.approx(orchestrator.clock.wall(orchestrator.detector.view(rid).last_seen or 0))
 
 
 def alert_arrives_during_the_first_chunk(orchestrator: Orchestrator, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,8 +88,9 @@ class Config:
     """Seconds between batched writes of last-seen times (and of the record that the orchestrator is running)."""
     last_seen_every: float = 60.0
     """How far a live runtime's last-seen time in the database may fall behind (plus one interval + grace and
-    a flush): it is written about once a window, at most once per this many seconds, not once per pulse.
-    A change of state and a clean stop write it exactly; the web API and the alerts always have it live."""
+    a flush): it is written once in each period of this many seconds (at the first check of its deadline in
+    the period; each runtime has its own phase), not once per pulse. A change of state and a clean stop
+    write it exactly; the web API, the status topics and the alerts always have it live."""
     db_timeout: float = 2.0
     """How long a verdict waits for the database before it is published from memory."""
     echo_timeout: float = 2.0

@@ -123,7 +123,7 @@ class Detector:
 
     def __init__(self, *, now: float, seen_every: float = 0.0) -> None:
         self.seen_every = seen_every
-        """The period in which a live runtime's last-seen time is picked for the database at most once."""
+        """A live runtime's last-seen time is picked for the database once in each period of this many seconds."""
         self._runtimes: dict[str, _Runtime] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._tokens = itertools.count(1)

@@ -312,7 +312,24 @@ def status(
         except ReadError as exc:
             return _error(exc)
         print(_render_status(statuses, as_json=as_json, color=color))
+        if http is None and not as_json and _stored_behind(statuses, time.time()):
+            print(STORED_LAST_SEEN, file=sys.stderr)
     return 0
+
+
+STORED_LAST_SEEN = (
+    "note: a live runtime's last seen is stored about once a minute (last_seen_every), so it may be older than "
+    "its interval; `status --http HOST:PORT` reads it live from the running orchestrator"
+)
+
+
+def _stored_behind(statuses: list[dict[str, Any]], now: float) -> bool:
+    """Whether an alive runtime's stored last-seen is older than its window, which would look like a contradiction."""
+    for obj in statuses:
+        row = row_from_status(obj)
+        if row.state == "alive" and row.last_seen is not None and now - row.last_seen > row.interval + row.grace:
+            return True
+    return False
 
 
 def _render_status(statuses: list[dict[str, Any]], *, as_json: bool, color: bool) -> str:

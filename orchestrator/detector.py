@@ -238,8 +238,8 @@ class Detector:
     def pulse(self, runtime_id: str, now: float, session: int | None = None) -> Transition | None:
         """A pulse arrived. Raises :class:`NotRegistered` for an unknown ID.
 
-        This is the hot path: one dict lookup and one store when the runtime
-        is already alive.
+        This is the hot path: one dict lookup, one store and two tests when
+        the runtime is already alive.
         """
         rt = self._runtimes.get(runtime_id)
         if rt is None:
@@ -250,6 +250,8 @@ class Detector:
             if session != rt.session and rt.session is not None:
                 self.session_changes.append(runtime_id)
         rt.last_seen = now
+        if rt.stored is None:  # its first pulse: the database shows 'never' until it has one
+            self._seen[runtime_id] = rt.stored = now
         if rt.state is ALIVE:
             return None
         return self._alive(runtime_id, rt, now, "pulse received")

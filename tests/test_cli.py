@@ -92,6 +92,31 @@ def test_status_table_has_one_row_per_runtime_in_id_order(tmp_path: Path, seeded
     assert [line.split()[:2] for line in rows] == [["rt-alive", "alive"], ["rt-dead", "dead"]]
 
 
+def test_status_notes_on_stderr_when_a_live_runtimes_stored_last_seen_is_older_than_its_window(
+    tmp_path: Path, seeded_db: str
+) -> None:
+    result = cli("status", "--db", seeded_db, cwd=tmp_path)  # rt-alive's last seen is days old
+    assert result.returncode == 0, result.stderr
+    assert "last_seen_every" in result.stderr
+    assert result.stdout.splitlines()[-1] == "2 runtimes: 1 alive, 1 dead"
+
+
+def test_status_adds_no_note_when_every_live_runtimes_stored_last_seen_is_recent(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    store = Store(sqlite_url)
+    store.open()
+    now = time.time()
+    store.register([("rt-fresh", 5.0, 5.0)], now - 2)
+    store.record([FlipRow("rt-fresh", "unknown", "alive", None, "pulse received", now - 1, now - 1)], {"rt-fresh": now})
+    store.close()
+
+    result = cli("status", "--db", sqlite_url, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "last_seen_every" not in result.stderr
+
+
 def test_status_json_objects_have_exactly_the_status_keys(tmp_path: Path, seeded_db: str) -> None:
     result = cli("status", "--db", seeded_db, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -716,8 +716,19 @@ def pulsed_then_rearmed(det: Detector, clock: FakeClock, rid: str = "rt-1") -> f
     return seen
 
 
-def test_a_pulse_alone_picks_no_last_seen_for_the_database(det: Detector, clock: FakeClock) -> None:
+def test_a_first_pulse_is_picked_for_the_database_at_once(det: Detector, clock: FakeClock) -> None:
     register_alive(det, clock)
+
+    det.pulse("rt-1", clock.advance(1))
+
+    assert det.take_seen() == {"rt-1": clock.now}
+
+
+def test_later_pulses_alone_pick_nothing_for_the_database(det: Detector, clock: FakeClock) -> None:
+    register_alive(det, clock)
+    det.pulse("rt-1", clock.advance(1))
+    det.take_seen()
+
     det.pulse("rt-1", clock.advance(1))
     det.pulse("rt-1", clock.advance(1))
 

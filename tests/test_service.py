@@ -371,16 +371,21 @@ def test_a_flush_without_alerts_is_one_transaction(orchestrator: Orchestrator, p
     assert stored_last_seen(orchestrator) == len(pulsed)
 
 
-def test_pulses_alone_wait_for_their_rearm_before_the_database_has_them(orchestrator: Orchestrator) -> None:
+def test_pulses_after_the_first_wait_for_a_rearm_before_the_database_has_them(orchestrator: Orchestrator) -> None:
     orchestrator.store.open()
     orchestrator.store.register([("rt-1", 5.0, 5.0)], time.time())
     orchestrator.detector.register("rt-1", 5.0, 5.0, time.monotonic())
-    orchestrator.detector.pulse("rt-1", time.monotonic())
+    first = time.monotonic()
+    orchestrator.detector.pulse("rt-1", first)
+    orchestrator._flush_seen = True
+    assert asyncio.run(orchestrator._write_once())
+    orchestrator.detector.pulse("rt-1", first + 1)
     orchestrator._flush_seen = True
 
     assert asyncio.run(orchestrator._write_once())
 
-    assert stored_last_seen(orchestrator) == 0
+    (row,) = orchestrator.store.load()
+    assert row.last_seen == pytest.approx(orchestrator.clock.wall(first))
 
 
 def test_a_clean_stop_stores_every_last_seen_time_not_yet_stored(orchestrator: Orchestrator, sqlite_url: str) -> None:

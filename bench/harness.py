@@ -163,7 +163,10 @@ def seed_db(path: Path, n: int, *, interval: float, grace: float, alive: bool = 
 
     Seeded through ``orchestrator.store.Store.register`` (one batched transaction)
     once per shape, then copied. ``alive`` marks them alive as if each had pulsed
-    before a restart (so a scenario can skip the unknown->alive wave).
+    before a restart (so a scenario can skip the unknown->alive wave), with the
+    last-seen time an orchestrator stores at a runtime's first pulse: a row
+    alive but never seen is one no orchestrator leaves, and each of its first
+    pulses would be a database row, which the scaling window would count.
     """
     global _template_dir
     from orchestrator.store import Store
@@ -183,7 +186,7 @@ def seed_db(path: Path, n: int, *, interval: float, grace: float, alive: bool = 
             store.register([(runtime_id(i), interval, grace) for i in range(n)], time.time())
         if alive:
             store.db.execute_sql(  # type: ignore[no-untyped-call]
-                "UPDATE runtime SET state = 'alive', reason = 'pulse received'"
+                "UPDATE runtime SET state = 'alive', reason = 'pulse received', last_seen = registered_at"
             )
         store.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[no-untyped-call]
         store.close()

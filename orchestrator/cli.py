@@ -326,9 +326,10 @@ STORED_LAST_SEEN = (
 def _stored_behind(statuses: list[dict[str, Any]], now: float) -> bool:
     """Whether an alive runtime's stored last-seen is older than its window, which would look like a contradiction."""
     for obj in statuses:
-        row = row_from_status(obj)
-        if row.state == "alive" and row.last_seen is not None and now - row.last_seen > row.interval + row.grace:
-            return True
+        if obj["state"] == "alive" and obj["last_seen"] is not None:  # parses only these rows' times again
+            last_seen = _wall(obj["last_seen"])
+            if last_seen is not None and now - last_seen > obj["interval"] + obj["grace"]:
+                return True
     return False
 
 

@@ -44,8 +44,10 @@ def _new_period(runtime_id: str, stored: float | None, seen: float, every: float
     the period: runtimes registered or restored together would otherwise be
     picked together, every period, one flush of all of them at a time.
     """
-    if stored is None or every <= 0:
+    if stored is None:
         return True
+    if every <= 0:
+        return seen != stored
     phase = (hash(runtime_id) & 0xFFFF) * every / 65536
     return (seen + phase) // every != (stored + phase) // every
 
@@ -380,7 +382,7 @@ class Detector:
             heapq.heapreplace(heap, (deadline, token, runtime_id))
             self.heap_pops += 1
             seen = rt.last_seen
-            if seen is not None and seen != rt.stored and _new_period(runtime_id, rt.stored, seen, self.seen_every):
+            if seen is not None and _new_period(runtime_id, rt.stored, seen, self.seen_every):
                 self._seen[runtime_id] = rt.stored = seen
         return None
 

@@ -43,6 +43,15 @@ def register_alive(det: Detector, clock: FakeClock, rid: str = "rt-1", iv: float
     assert t.new is ALIVE
 
 
+def pulsed_then_rearmed(det: Detector, clock: FakeClock, rid: str = "rt-1") -> float:
+    """Register ``rid``, pulse it once, and reach its first deadline so it is re-armed; the pulse's time."""
+    register_alive(det, clock, rid)
+    seen = clock.advance(1)
+    det.pulse(rid, seen)
+    assert det.expire(clock.advance(IV + GRACE - 1)) == []  # the entry armed at registration
+    return seen
+
+
 def expire_ids(det: Detector, now: float) -> list[str]:
     return [t.runtime_id for t in det.expire(now)]
 
@@ -705,15 +714,6 @@ def test_will_is_still_acted_on_while_suspended(det: Detector, clock: FakeClock)
 
 
 # --- take_seen and next_deadline -------------------------------------------------------------------
-
-
-def pulsed_then_rearmed(det: Detector, clock: FakeClock, rid: str = "rt-1") -> float:
-    """Register ``rid``, pulse it once, and reach its first deadline so it is re-armed; the pulse's time."""
-    register_alive(det, clock, rid)
-    seen = clock.advance(1)
-    det.pulse(rid, seen)
-    assert det.expire(clock.advance(IV + GRACE - 1)) == []  # the entry armed at registration
-    return seen
 
 
 def test_a_first_pulse_is_picked_for_the_database_at_once(det: Detector, clock: FakeClock) -> None:

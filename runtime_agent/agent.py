@@ -1,8 +1,9 @@
 """The thread-based runtime agent, on paho-mqtt 2.x.
 
 It registers a runtime with the orchestrator and then pulses until stopped.
-paho's network thread does the I/O and the reconnecting; one more thread of
-ours keeps the pulse schedule, so a slow ``check`` never stalls the network.
+paho's network thread does the I/O and the reconnecting; two more threads of
+ours keep the pulse schedule and re-send an unanswered interval request, so a
+slow ``check`` never stalls the network nor the registration.
 
 Each (re)connection gets a fresh session number. It is chosen in paho's
 ``on_pre_connect`` hook, which runs just before every CONNECT, so the will
@@ -10,24 +11,18 @@ Each (re)connection gets a fresh session number. It is chosen in paho's
 the same connection, and the orchestrator can tell an old will from a new
 birth.
 
-The settings and small helpers shared with :mod:`runtime_agent.aio` live
-here too, so both agents validate and behave the same way.
+What both agents share (settings, reply handling, messages) is in
+:mod:`runtime_agent.shared`, so both validate and behave the same way.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
-import secrets
-import ssl
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -35,227 +30,22 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from . import protocol
-from .exceptions import ConnectError, HeartbeatError, RegistrationRejected, RegistrationTimeout
-from .url import BrokerAddress, check_tls_files, parse_broker_url, with_env_password
+from .exceptions import ConnectError, HeartbeatError, RegistrationTimeout
+from .shared import (
+    AUTH_REFUSALS,
+    DEFAULT_BROKER,
+    RETRY_FIRST,
+    RETRY_MAX,
+    STOP_PUBLISH_TIMEOUT,
+    AgentSettings,
+    AgentState,
+    new_session,
+    next_pulse_at,
+    parse_reply,
+    reason_value,
+)
 
 log = logging.getLogger("runtime_agent")
-
-DEFAULT_BROKER: Final = "mqtt://127.0.0.1:1883"
-SESSION_LIMIT: Final = 2**53
-"""Sessions stay below 2**53 so that JSON readers using doubles (JavaScript) read them exactly."""
-MAX_CLIENT_ID: Final = 64
-STOP_PUBLISH_TIMEOUT: Final = 5.0
-"""Longest wait for the broker to acknowledge ``stopped``: stopping must not hang on a dead broker."""
-
-
-# --- shared by Agent and AsyncAgent -----------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AgentSettings:
-    """Validated agent options; built before any network I/O so mistakes fail fast."""
-
-    runtime_id: str
-    interval: float
-    grace: float | None
-    address: BrokerAddress
-    topics: protocol.Topics
-    timeout: float
-    client_id: str
-    keepalive: int
-    tls_ca: str | None
-    tls_cert: str | None
-    tls_key: str | None
-    reconnect_min: float
-    reconnect_max: float
-
-    @classmethod
-    def build(
-        cls,
-        runtime_id: str,
-        *,
-        interval: float,
-        grace: float | None,
-        broker: str,
-        prefix: str,
-        timeout: float,
-        client_id: str | None,
-        keepalive: int | None,
-        tls_ca: str | None,
-        tls_cert: str | None,
-        tls_key: str | None,
-        reconnect_min: float,
-        reconnect_max: float,
-    ) -> AgentSettings:
-        """Validate everything; raises ProtocolError (a ValueError) or ValueError."""
-        runtime_id = protocol.check_id(runtime_id)
-        interval = protocol.check_seconds("interval", interval)
-        grace = None if grace is None else protocol.check_seconds("grace", grace)
-        address = with_env_password(parse_broker_url(broker))
-        topics = protocol.Topics(prefix)
-        timeout = _positive("timeout", timeout)
-        reconnect_min = _positive("reconnect_min", reconnect_min)
-        reconnect_max = _positive("reconnect_max", reconnect_max)
-        if reconnect_max < reconnect_min:
-            raise ValueError(f"reconnect_max ({reconnect_max:g}) must not be below reconnect_min ({reconnect_min:g})")
-        if keepalive is None:
-            keepalive = default_keepalive(interval)
-        elif isinstance(keepalive, bool) or not isinstance(keepalive, int) or not 1 <= keepalive <= 65535:
-            raise ValueError(f"keepalive must be a whole number of seconds from 1 to 65535, got {keepalive!r}")
-        if client_id is None:
-            client_id = default_client_id(runtime_id)
-        elif not client_id:
-            raise ValueError("client_id must not be empty")
-        check_tls_files(address, tls_ca, tls_cert, tls_key)
-        return cls(
-            runtime_id=runtime_id,
-            interval=interval,
-            grace=grace,
-            address=address,
-            topics=topics,
-            timeout=timeout,
-            client_id=client_id,
-            keepalive=keepalive,
-            tls_ca=tls_ca,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            reconnect_min=reconnect_min,
-            reconnect_max=reconnect_max,
-        )
-
-    @property
-    def url(self) -> str:
-        """The broker URL without password, for messages."""
-        return self.address.url
-
-    def timeout_message(self) -> str:
-        return (
-            f"no reply to the interval request for {self.runtime_id!r} within {self.timeout:g} s on "
-            f"{self.url} (prefix {self.topics.prefix!r}); is the orchestrator running on that broker and prefix?"
-        )
-
-    def connect_message(self, error: object) -> str:
-        hint = ""
-        if isinstance(error, ssl.SSLCertVerificationError):
-            hint = "; is the CA file (tls_ca) the one that signed the broker's certificate?"
-        elif isinstance(error, ssl.SSLError) and self.address.tls:
-            hint = "; does this port speak TLS? (mqtt:// is plaintext, mqtts:// is TLS)"
-        return f"cannot connect to the broker at {self.url} within {self.timeout:g} s: {error}{hint}"
-
-    def refusal_message(self, reason: object) -> str:
-        """Why the broker said no, with what to check for the refusals that retrying cannot fix."""
-        hint = ""
-        if reason_value(reason) in AUTH_REFUSALS:
-            hint = "; check the user name and password (or client certificate) and the broker's access control"
-        return f"the broker at {self.url} refused the connection: {reason}{hint}"
-
-
-AUTH_REFUSALS: Final = frozenset({133, 134, 135, 138, 140})
-"""CONNACK reason codes that retrying cannot fix: client ID rejected, bad user name or password, not
-authorised, banned, bad authentication method. (paho maps MQTT 3.1.1's 2, 4 and 5 onto 133-135.)"""
-
-
-def reason_value(reason: object) -> int | None:
-    """The numeric reason code of a paho ReasonCode, an int, or an aiomqtt MqttCodeError."""
-    reason = getattr(reason, "rc", reason)
-    value = getattr(reason, "value", reason)
-    return value if isinstance(value, int) else None
-
-
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def default_keepalive(interval: float) -> int:
-    """MQTT keepalive for an interval: twice the interval, kept within 5-60 s.
-
-    The broker declares a silent connection dead after 1.5 keepalives and
-    then publishes the will; short intervals should get a prompt will, long
-    ones should not have the agent ping more often than once a minute.
-    """
-    return max(5, min(60, int(interval * 2)))
-
-
-def default_client_id(runtime_id: str) -> str:
-    """``hb-agent-{id}``, at most 64 characters.
-
-    Long IDs keep a readable prefix plus a hash of the whole ID rather than
-    being cut, since two agents whose client IDs collide would keep knocking
-    each other off the broker.
-    """
-    client_id = f"hb-agent-{runtime_id}"
-    if len(client_id) <= MAX_CLIENT_ID:
-        return client_id
-    digest = hashlib.sha256(runtime_id.encode()).hexdigest()[:12]
-    return f"{client_id[: MAX_CLIENT_ID - 13]}-{digest}"
-
-
-def new_session() -> int:
-    """A random session number for one connection, in [0, 2**53)."""
-    return secrets.randbelow(SESSION_LIMIT)
-
-
-def next_pulse_at(due: float, interval: float, now: float) -> float:
-    """The next pulse time on a monotonic clock.
-
-    On schedule, deadlines are ``due + interval`` so sleeping never
-    accumulates drift. When late (a slow check, a stalled process), the
-    missed pulses are dropped rather than sent in a burst: one pulse goes out
-    now and the schedule continues from there.
-    """
-    return max(due + interval, now)
-
-
-def parse_reply(settings: AgentSettings, payload: bytes, retained: bool) -> protocol.Reply | None:
-    """Decode a reply meant for this agent, or log why it is ignored and return None.
-
-    Retained replies are ignored: a reply answers a request made on this
-    connection, and a retained one can only be a stale answer to an old one.
-    """
-    if retained:
-        log.debug("ignoring a retained reply on %s", settings.topics.reply(settings.runtime_id))
-        return None
-    try:
-        reply = protocol.decode_reply(payload)
-    except protocol.ProtocolError as exc:
-        log.warning("ignoring a malformed reply from the orchestrator: %s", exc)
-        return None
-    if reply.id is not None and reply.id != settings.runtime_id:
-        log.warning("ignoring a reply for runtime %r on the topic of %r", reply.id, settings.runtime_id)
-        return None
-    if reply.deregistered:
-        log.warning("ignoring a deregistration reply: this agent never deregisters")
-        return None
-    return reply
-
-
-def rejection_text(reply: protocol.Reply) -> str:
-    return reply.error if isinstance(reply.error, str) and reply.error else "no reason given"
-
-
-class CheckLog:
-    """Logs health-check results on changes only, so a failing check is not logged every interval."""
-
-    def __init__(self, runtime_id: str) -> None:
-        self._runtime_id = runtime_id
-        self._ok = True
-
-    def record(self, ok: bool, error: BaseException | None = None) -> bool:
-        if ok and not self._ok:
-            log.info("health check of %s passes again; pulsing", self._runtime_id)
-        elif not ok and self._ok:
-            if error is not None:
-                log.warning("health check of %s raised %r; withholding pulses", self._runtime_id, error)
-            else:
-                log.warning("health check of %s failed; withholding pulses", self._runtime_id)
-        self._ok = ok
-        return ok
-
-
-# --- the thread agent --------------------------------------------------------
-
 _paho_log = logging.getLogger("runtime_agent.mqtt")
 
 
@@ -266,62 +56,23 @@ def _log_paho(client: mqtt.Client, userdata: Any, level: int, message: str) -> N
 _Phase = Literal["new", "starting", "running", "stopping", "stopped"]
 
 
-class AgentState:
-    """The settings and read-only state both agents expose, in one place."""
-
-    def __init__(self, settings: AgentSettings) -> None:
-        self._settings = settings
-        self._check_log = CheckLog(settings.runtime_id)
-        self._session: int | None = None
-        self._registered = False
-        self._rejected = False
-        self._reply: protocol.Reply | None = None
-        self._pulses_sent = 0
-
-    @property
-    def runtime_id(self) -> str:
-        return self._settings.runtime_id
-
-    @property
-    def broker(self) -> str:
-        """The broker URL, without password."""
-        return self._settings.url
-
-    @property
-    def interval(self) -> float:
-        return self._settings.interval
-
-    @property
-    def registered(self) -> bool:
-        """True while the orchestrator's latest reply on the current connection was ok."""
-        return self._registered
-
-    @property
-    def session(self) -> int | None:
-        """The session number of the current (or latest) connection."""
-        return self._session
-
-    @property
-    def pulses_sent(self) -> int:
-        return self._pulses_sent
-
-    @property
-    def reply(self) -> protocol.Reply | None:
-        """The orchestrator's latest reply, with the interval and grace it applied."""
-        return self._reply
-
-
 class Agent(AgentState):
     """Registers a runtime with the orchestrator and pulses from a background thread.
 
-    ``start()`` returns once the orchestrator accepted the interval, or
-    raises :class:`ConnectError`, :class:`RegistrationTimeout` or
-    :class:`RegistrationRejected` within ``timeout`` seconds. After that the
-    agent pulses every ``interval`` seconds and reconnects on its own until
-    ``stop()``. An agent starts once; use a new one to start again.
+    ``start()`` connects and sends the interval request, pulsing from then
+    on. It returns once the orchestrator confirmed the interval, or after
+    ``timeout`` seconds without a reply (logging a warning: the agent keeps
+    re-sending the request with backoff until a reply comes; see
+    :meth:`wait_registered`). It raises :class:`ConnectError` if it could
+    not connect within ``timeout`` and :class:`RegistrationRejected` if the
+    orchestrator refused the interval. The agent then pulses every
+    ``interval`` seconds and reconnects on its own until ``stop()``. An
+    agent starts once; use a new one to start again.
 
     ``check``, if given, is called before each pulse (in the pulse thread);
     the pulse is sent only if it returns True. Exceptions count as False.
+    ``retry_first`` and ``retry_max`` shape the re-sends (see
+    :meth:`AgentSettings.resend_delays`).
     """
 
     def __init__(
@@ -341,6 +92,8 @@ class Agent(AgentState):
         check: Callable[[], bool] | None = None,
         reconnect_min: float = 0.5,
         reconnect_max: float = 5.0,
+        retry_first: float = RETRY_FIRST,
+        retry_max: float = RETRY_MAX,
     ) -> None:
         super().__init__(
             AgentSettings.build(
@@ -357,21 +110,27 @@ class Agent(AgentState):
                 tls_key=tls_key,
                 reconnect_min=reconnect_min,
                 reconnect_max=reconnect_max,
+                retry_first=retry_first,
+                retry_max=retry_max,
             )
         )
         self._check = check
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        """Notified when the registration, the connection's announcement or stopping changes."""
         self._phase: _Phase = "new"
         self._client: mqtt.Client | None = None
-        self._announced = False  # online and the interval went out on the current connection
+        self._announced = False  # online and the interval went out on the current, live connection
+        self._requested = False  # the interval request went out on some connection since start()
         self._subscribe_mid: int | None = None
         self._connack_seen = False
         self._refusal: ReasonCode | None = None
-        """The latest CONNACK refusal, so a start that times out can say why."""
-        self._first: Future[protocol.Reply] = Future()
+        """The latest CONNACK refusal, so a start that cannot connect can say why."""
+        self._start_error: BaseException | None = None
+        """A failure that ends start() at once (refused credentials or subscription, stop())."""
         self._stopping = threading.Event()
         self._wake = threading.Event()
-        self._pulser: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # --- public API ----------------------------------------------------------
 
@@ -381,7 +140,7 @@ class Agent(AgentState):
         return client is not None and client.is_connected()
 
     def start(self) -> None:
-        """Connect, register and start pulsing; raises a :class:`HeartbeatError` on failure.
+        """Connect, send the interval request and start pulsing; see the class docstring for how it ends.
 
         Takes at most ``timeout`` seconds in all (plus a short cleanup on
         failure). Unreachable brokers are retried with backoff until then,
@@ -391,34 +150,48 @@ class Agent(AgentState):
             if self._phase != "new":
                 raise RuntimeError("an Agent can be started only once; create a new one")
             self._phase = "starting"
+            self._began = time.monotonic()
         settings = self._settings
-        deadline = time.monotonic() + settings.timeout
+        deadline = self._began + settings.timeout
         client = self._make_client()
         self._client = client
-        pulser = threading.Thread(target=self._pulse_loop, name=f"runtime-agent-{settings.runtime_id}", daemon=True)
-        self._pulser = pulser
+        name = f"runtime-agent-{settings.runtime_id}"
+        self._threads = [
+            threading.Thread(target=self._pulse_loop, name=name, daemon=True),
+            threading.Thread(target=self._resend_loop, name=f"{name}-resend", daemon=True),
+        ]
         try:
             self._connect(client, deadline)
             client.loop_start()
-            reply = self._await_registration(deadline)
-            with self._lock:
-                if self._phase != "starting":
-                    raise HeartbeatError("the agent was stopped while starting")
-                self._phase = "running"
-                pulser.start()
+            for thread in self._threads:
+                thread.start()
+            self._await_start(deadline)
         except BaseException:
-            self._stopping.set()
+            self._halt()
+            self._join_threads()
             self._shutdown(client)
             with self._lock:
                 self._phase = "stopped"
             raise
-        log.info(
-            "runtime %s registered on %s (interval %g s, grace %s)",
-            settings.runtime_id,
-            settings.url,
-            reply.interval if reply.interval is not None else settings.interval,
-            reply.grace if reply.grace is not None else "default",
-        )
+
+    def wait_registered(self, timeout: float | None = None) -> protocol.Reply:
+        """Block until the orchestrator confirmed the current connection's registration; return its reply.
+
+        For programs that must know they are watched before going on, since
+        ``start()`` returns after its timeout even without a reply. Raises
+        :class:`RegistrationTimeout` after ``timeout`` seconds (None: wait
+        as long as it takes), :class:`RegistrationRejected` if the
+        orchestrator refused the interval, :class:`HeartbeatError` once the
+        agent is stopped.
+        """
+        with self._changed:
+            self._changed.wait_for(lambda: self._registered or self._rejected or self._stopping.is_set(), timeout)
+            reply = self._confirmation()
+            if reply is not None:
+                return reply
+            if self._stopping.is_set():
+                raise HeartbeatError(f"the agent of {self._settings.runtime_id} is stopped")
+        raise RegistrationTimeout(self._settings.no_reply_message(timeout or 0.0))
 
     def stop(self) -> None:
         """Publish ``stopped``, wait for the broker to confirm it, then disconnect cleanly.
@@ -433,15 +206,13 @@ class Agent(AgentState):
             if phase in ("starting", "running"):
                 self._phase = "stopping"
         if phase == "starting":
-            self._stopping.set()
             self._fail(HeartbeatError("the agent was stopped while starting"))
+            self._halt()
             return
         if phase != "running":
             return
-        self._stopping.set()
-        self._wake.set()
-        if self._pulser is not None and self._pulser.is_alive():
-            self._pulser.join()
+        self._halt()
+        self._join_threads()
         if self._client is not None:
             self._shutdown(self._client)
         with self._lock:
@@ -512,37 +283,66 @@ class Agent(AgentState):
                 raise HeartbeatError("the agent was stopped while starting")
             delay = min(delay * 2, settings.reconnect_max)
 
-    def _await_registration(self, deadline: float) -> protocol.Reply:
-        try:
-            return self._first.result(timeout=max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            pass
+    def _await_start(self, deadline: float) -> None:
+        """Wait for a reply, a failure or the deadline; then end start() (see the class docstring)."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._registered or self._rejected or self._start_error is not None,
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+            if self._start_error is not None:
+                raise self._start_error
+            if self._phase != "starting":
+                raise HeartbeatError("the agent was stopped while starting")
+            if self._requested:
+                self._finish_start()  # raises on a rejection
+                self._phase = "running"
+                return
+        settings = self._settings
         if self._refusal is not None:
-            raise ConnectError(self._settings.refusal_message(self._refusal))
+            raise ConnectError(settings.refusal_message(self._refusal))
         if not self._connack_seen:
             hint = (
                 "does the broker require a client certificate it trusts (tls_cert)?"
-                if self._settings.address.tls
+                if settings.address.tls
                 else "if this port speaks TLS, use mqtts://"
             )
-            raise ConnectError(self._settings.connect_message(f"the broker accepted TCP but sent no CONNACK ({hint})"))
-        raise RegistrationTimeout(self._settings.timeout_message())
-
-    def _succeed(self, reply: protocol.Reply) -> bool:
-        """Settle ``start()`` as registered; False if it was already settled."""
-        try:
-            self._first.set_result(reply)
-        except InvalidStateError:
-            return False
-        return True
+            raise ConnectError(settings.connect_message(f"the broker accepted TCP but sent no CONNACK ({hint})"))
+        raise ConnectError(
+            f"the broker at {settings.url} accepted the connection but did not acknowledge the subscription "
+            f"to {settings.topics.reply(settings.runtime_id)} within {settings.timeout:g} s"
+        )
 
     def _fail(self, error: BaseException) -> bool:
-        """Settle ``start()`` as failed; False if it was already settled."""
-        try:
-            self._first.set_exception(error)
-        except InvalidStateError:
-            return False
+        """End a waiting ``start()`` with ``error``; False if start() has already ended or failed."""
+        with self._changed:
+            if self._returned or self._start_error is not None:
+                return False
+            self._start_error = error
+            self._changed.notify_all()
         return True
+
+    def _halt(self) -> None:
+        """Tell the pulse and re-send threads, and anyone waiting for the registration, that we stop."""
+        self._stopping.set()
+        self._wake.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _join_threads(self) -> None:
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join()
+
+    def _send_request(self, client: mqtt.Client) -> None:
+        """Publish the interval request: QoS 1 and retained, so an orchestrator that starts later learns it too."""
+        settings = self._settings
+        client.publish(
+            settings.topics.interval(settings.runtime_id),
+            protocol.encode_interval(settings.interval, settings.grace),
+            qos=1,
+            retain=True,
+        )
 
     def _shutdown(self, client: mqtt.Client) -> None:
         """Publish ``stopped`` if this connection announced ``online``, then disconnect and end paho's thread."""
@@ -579,12 +379,13 @@ class Agent(AgentState):
             qos=1,
             retain=True,
         )
-        with self._lock:
+        with self._changed:
             self._session = session
             self._announced = False
             self._registered = False
             self._rejected = False
             self._subscribe_mid = None
+            self._changed.notify_all()
 
     def _on_connect(
         self,
@@ -640,17 +441,13 @@ class Agent(AgentState):
         # Subscribed first, so the orchestrator's reply cannot arrive before we listen.
         rid = settings.runtime_id
         client.publish(settings.topics.state(rid), protocol.encode_state("online", session), qos=1, retain=True)
-        client.publish(
-            settings.topics.interval(rid),
-            protocol.encode_interval(settings.interval, settings.grace),
-            qos=1,
-            retain=True,
-        )
-        with self._lock:
+        self._send_request(client)
+        with self._changed:
             self._announced = True
-        if self._phase == "running":
-            # A reconnect: pulse now rather than up to an interval later.
-            self._wake.set()
+            self._requested = True
+            self._changed.notify_all()  # the re-send thread starts this connection's backoff
+        # Pulse now, before any reply: an orchestrator that has the retained request can register us on a pulse.
+        self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         settings = self._settings
@@ -659,19 +456,9 @@ class Agent(AgentState):
         reply = parse_reply(settings, bytes(message.payload), message.retain)
         if reply is None:
             return
-        with self._lock:
-            self._reply = reply
-            self._registered = reply.ok
-            self._rejected = not reply.ok
-        if reply.ok:
-            if not self._succeed(reply):
-                log.info("runtime %s registered again (session %s)", settings.runtime_id, self._session)
-        elif not self._fail(RegistrationRejected(rejection_text(reply))):
-            log.error(
-                "the orchestrator rejected the registration of %s: %s; withholding pulses",
-                settings.runtime_id,
-                rejection_text(reply),
-            )
+        with self._changed:
+            self._take_reply(reply)
+            self._changed.notify_all()
 
     def _on_disconnect(
         self,
@@ -681,8 +468,10 @@ class Agent(AgentState):
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        with self._lock:
+        with self._changed:
             self._registered = False
+            self._announced = False
+            self._changed.notify_all()
         if self._stopping.is_set():
             log.debug("disconnected from %s", self._settings.url)
         else:
@@ -692,6 +481,40 @@ class Agent(AgentState):
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         log.debug("reconnecting to %s failed; retrying with backoff", self._settings.url)
+
+    # --- re-sending the interval request ---------------------------------------
+
+    def _resend_loop(self) -> None:
+        """Re-send the interval request with jittered backoff until a reply (either way) answers it.
+
+        A reply may come late or never (a request lost in a broker's full
+        queue, an orchestrator still starting). Each connection starts a fresh
+        sequence, timed from its own first request (sent on subscribe); a
+        rejection ends it, since the same request would be refused again.
+        """
+        session: int | None = None
+        delays: Iterator[float] = iter(())
+        due = 0.0
+        while True:
+            with self._changed:
+                while True:
+                    if self._stopping.is_set():
+                        return
+                    if not (self._announced and not self._registered and not self._rejected):
+                        self._changed.wait()
+                        continue
+                    if self._session != session:
+                        session, delays = self._session, self._settings.resend_delays()
+                        due = time.monotonic() + next(delays)
+                    remaining = due - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
+                due = time.monotonic() + next(delays)
+                client = self._client
+            if client is not None:
+                log.debug("no reply yet for %s; re-sending the interval request", self._settings.runtime_id)
+                self._send_request(client)
 
     # --- pulses --------------------------------------------------------------
 

@@ -15,9 +15,11 @@ signal it, which keeps connect, reconnect and shutdown in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
@@ -26,9 +28,12 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
 from . import protocol
-from .agent import (
+from .exceptions import ConnectError, HeartbeatError, RegistrationTimeout
+from .shared import (
     AUTH_REFUSALS,
     DEFAULT_BROKER,
+    RETRY_FIRST,
+    RETRY_MAX,
     STOP_PUBLISH_TIMEOUT,
     AgentSettings,
     AgentState,
@@ -36,9 +41,7 @@ from .agent import (
     next_pulse_at,
     parse_reply,
     reason_value,
-    rejection_text,
 )
-from .exceptions import ConnectError, HeartbeatError, RegistrationRejected, RegistrationTimeout
 
 log = logging.getLogger("runtime_agent")
 _mqtt_log = logging.getLogger("runtime_agent.mqtt")
@@ -47,11 +50,14 @@ _mqtt_log = logging.getLogger("runtime_agent.mqtt")
 class AsyncAgent(AgentState):
     """Registers a runtime with the orchestrator and pulses from an asyncio task.
 
-    ``await start()`` (or ``async with``) returns once the orchestrator
-    accepted the interval, or raises :class:`ConnectError`,
-    :class:`RegistrationTimeout` or :class:`RegistrationRejected` within
-    ``timeout`` seconds. The agent then pulses and reconnects on its own
-    until ``stop()``.
+    ``await start()`` (or ``async with``) connects and sends the interval
+    request, pulsing from then on. It returns once the orchestrator
+    confirmed the interval, or after ``timeout`` seconds without a reply
+    (logging a warning: the agent keeps re-sending the request with backoff
+    until a reply comes; see :meth:`wait_registered`). It raises
+    :class:`ConnectError` if it could not connect within ``timeout`` and
+    :class:`RegistrationRejected` if the orchestrator refused the interval.
+    The agent then pulses and reconnects on its own until ``stop()``.
 
     ``check`` may return a bool or an awaitable of one. It runs on the event
     loop, so a blocking check should hand its work to a thread itself
@@ -75,6 +81,8 @@ class AsyncAgent(AgentState):
         check: Callable[[], bool | Awaitable[bool]] | None = None,
         reconnect_min: float = 0.5,
         reconnect_max: float = 5.0,
+        retry_first: float = RETRY_FIRST,
+        retry_max: float = RETRY_MAX,
     ) -> None:
         super().__init__(
             AgentSettings.build(
@@ -91,12 +99,16 @@ class AsyncAgent(AgentState):
                 tls_key=tls_key,
                 reconnect_min=reconnect_min,
                 reconnect_max=reconnect_max,
+                retry_first=retry_first,
+                retry_max=retry_max,
             )
         )
         self._check = check
         self._task: asyncio.Task[None] | None = None
         self._stop_requested: asyncio.Event | None = None
         self._connected = False
+        self._changed = asyncio.Event()
+        """Set (and replaced) whenever the registration or the connection changes; see :meth:`_until`."""
 
     # --- public API ----------------------------------------------------------
 
@@ -105,31 +117,56 @@ class AsyncAgent(AgentState):
         return self._connected
 
     async def start(self) -> None:
-        """Connect, register and start pulsing; raises a :class:`HeartbeatError` on failure."""
+        """Connect, send the interval request and start pulsing; see the class docstring for how it ends."""
         if self._task is not None:
             raise RuntimeError("an AsyncAgent can be started only once; create a new one")
         loop = asyncio.get_running_loop()
+        self._began = time.monotonic()
+        deadline = loop.time() + self._settings.timeout
         self._stop_requested = asyncio.Event()
-        started: asyncio.Future[None] = loop.create_future()
-        task = loop.create_task(self._run(started), name=f"runtime-agent-{self._settings.runtime_id}")
+        requested: asyncio.Future[None] = loop.create_future()
+        task = loop.create_task(self._run(requested, deadline), name=f"runtime-agent-{self._settings.runtime_id}")
         self._task = task
         try:
-            await started
+            await requested  # connected, and the request is out
+            await self._await_start(deadline)
         except asyncio.CancelledError:
             task.cancel()
             await asyncio.wait([task])
             raise
         except BaseException:
-            # The task has settled ``started`` and is cleaning up: let it finish.
+            # The task is cleaning up after the failure it reported, or must stop after a rejection.
+            self._request_stop()
             await asyncio.wait([task])
             raise
+
+    # A timeout of its own, as Agent.wait_registered has: expiry raises RegistrationTimeout with its message.
+    async def wait_registered(self, timeout: float | None = None) -> protocol.Reply:  # noqa: ASYNC109
+        """Wait until the orchestrator confirmed the current connection's registration; return its reply.
+
+        For programs that must know they are watched before going on, since
+        ``start()`` returns after its timeout even without a reply. Raises
+        :class:`RegistrationTimeout` after ``timeout`` seconds (None: wait
+        as long as it takes), :class:`RegistrationRejected` if the
+        orchestrator refused the interval, :class:`HeartbeatError` once the
+        agent is stopped.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self._until(lambda: self._registered or self._rejected or self._stopping())
+        except TimeoutError:
+            raise RegistrationTimeout(self._settings.no_reply_message(timeout or 0.0)) from None
+        reply = self._confirmation()
+        if reply is None:
+            raise HeartbeatError(f"the agent of {self._settings.runtime_id} is stopped")
+        return reply
 
     async def stop(self) -> None:
         """Publish ``stopped``, wait for the broker to confirm it, then disconnect cleanly. Idempotent."""
         task = self._task
         if task is None or task.done() or self._stop_requested is None:
             return
-        self._stop_requested.set()
+        self._request_stop()
         # Shielded: if our caller is cancelled, the shutdown still completes.
         await asyncio.shield(task)
 
@@ -144,53 +181,54 @@ class AsyncAgent(AgentState):
 
     # --- the connection task -------------------------------------------------
 
-    async def _run(self, started: asyncio.Future[None]) -> None:
-        """Connect, reconnect with backoff, and serve each connection until stop is requested."""
+    async def _run(self, requested: asyncio.Future[None], deadline: float) -> None:
+        """Connect, reconnect with backoff, and serve each connection until stop is requested.
+
+        ``requested`` is settled once the first interval request is out, or
+        with the error that kept it from going out by ``deadline``.
+        """
         settings = self._settings
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.timeout
         delay = settings.reconnect_min
         outage = False  # a lost connection was reported: don't report each failed retry again
         try:
             while not self._stopping():
-                first = not started.done()
+                first = not requested.done()
                 session = new_session()
                 client = self._make_client(session, deadline if first else None)
                 try:
                     async with client:
                         delay = settings.reconnect_min
                         outage = False
-                        await self._serve(client, session, started if first else None, deadline)
+                        await self._serve(client, session, requested)
                         return
                 except MqttConnectError as exc:
                     # A start fails at once only on a refusal that retrying cannot fix (credentials, ACL).
                     message = settings.refusal_message(exc)
                     if first and (reason_value(exc) in AUTH_REFUSALS or loop.time() + delay >= deadline):
-                        _settle(started, ConnectError(message))
+                        _settle(requested, ConnectError(message))
                         return
                     log.error("%s; retrying in %g s", message, delay)
                 except aiomqtt.MqttError as exc:
                     if first and loop.time() + delay >= deadline:
-                        _settle(started, ConnectError(settings.connect_message(_tls_error(exc))))
+                        _settle(requested, ConnectError(settings.connect_message(_tls_error(exc))))
                         return
                     level = logging.INFO if first else logging.DEBUG if outage else logging.WARNING
                     log.log(level, "connection to %s failed or lost: %s; retrying in %g s", settings.url, exc, delay)
                     outage = not first
-                except HeartbeatError as exc:
-                    _settle(started, exc)
-                    return
                 finally:
                     self._connected = False
                     self._registered = False
+                    self._notify()
                 try:
                     await asyncio.wait_for(self._wait_stop(), delay)
                 except TimeoutError:
                     delay = min(delay * 2, settings.reconnect_max)
         except Exception as exc:
-            if not _settle(started, exc):
+            if not _settle(requested, exc):
                 log.exception("the agent task of %s failed", settings.runtime_id)
         finally:
-            _settle(started, HeartbeatError("the agent was stopped while starting"))
+            _settle(requested, HeartbeatError("the agent was stopped while starting"))
 
     def _make_client(self, session: int, deadline: float | None) -> aiomqtt.Client:
         settings = self._settings
@@ -226,13 +264,7 @@ class AsyncAgent(AgentState):
         client._client.connect_timeout = min(timeout, 5.0)
         return client
 
-    async def _serve(
-        self,
-        client: aiomqtt.Client,
-        session: int,
-        started: asyncio.Future[None] | None,
-        deadline: float,
-    ) -> None:
+    async def _serve(self, client: aiomqtt.Client, session: int, requested: asyncio.Future[None]) -> None:
         """Announce this connection, then pulse and read replies until stop (returns) or loss (raises MqttError)."""
         settings = self._settings
         rid = settings.runtime_id
@@ -245,42 +277,21 @@ class AsyncAgent(AgentState):
         # Subscribed first, so the orchestrator's reply cannot arrive before we listen.
         await client.subscribe(settings.topics.reply(rid), qos=1)
         await client.publish(settings.topics.state(rid), protocol.encode_state("online", session), qos=1, retain=True)
-        await client.publish(
-            settings.topics.interval(rid),
-            protocol.encode_interval(settings.interval, settings.grace),
-            qos=1,
-            retain=True,
-        )
-        if started is not None:
-            try:
-                reply = await self._first_reply(client, deadline)
-            except HeartbeatError:
-                await self._publish_stopped(client, session)
-                raise
-            # The first client was built with what was left of the start timeout; from now on it is long-lived.
-            client.timeout = settings.timeout
-            if not _settle(started):
-                # start() was cancelled meanwhile: nobody is there to stop us.
-                await self._publish_stopped(client, session)
-                return
-            log.info(
-                "runtime %s registered on %s (interval %g s, grace %s)",
-                rid,
-                settings.url,
-                reply.interval if reply.interval is not None else settings.interval,
-                reply.grace if reply.grace is not None else "default",
-            )
+        await self._send_request(client)
+        # The first client was built with what was left of the start timeout; from now on it is long-lived.
+        client.timeout = settings.timeout
+        _settle(requested)
+        # Pulses start now, before any reply: an orchestrator that has the retained request can register us on one.
         tasks = [
             asyncio.create_task(self._read_replies(client)),
             asyncio.create_task(self._pulse_loop(client, session)),
             asyncio.create_task(self._wait_stop()),
         ]
+        resender = asyncio.create_task(self._resend_loop(client))  # ends on a reply, not with the connection
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel_all([*tasks, resender])
         if tasks[2] in done:
             await self._publish_stopped(client, session)
             return
@@ -289,47 +300,64 @@ class AsyncAgent(AgentState):
                 raise error
         raise aiomqtt.MqttError("the message stream ended")
 
-    async def _first_reply(self, client: aiomqtt.Client, deadline: float) -> protocol.Reply:
-        try:
+    async def _await_start(self, deadline: float) -> None:
+        """Wait for a reply until the deadline (loop time), then end start() (see the class docstring)."""
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
-                async for message in client.messages:
-                    reply = self._take_reply(message)
-                    if reply is None:
-                        continue
-                    if not reply.ok:
-                        raise RegistrationRejected(rejection_text(reply))
-                    return reply
-        except TimeoutError:
-            raise RegistrationTimeout(self._settings.timeout_message()) from None
-        raise aiomqtt.MqttError("the message stream ended")
+                await self._until(lambda: self._registered or self._rejected or self._stopping())
+        if self._stopping():
+            raise HeartbeatError("the agent was stopped while starting")
+        self._finish_start()  # raises on a rejection
+
+    async def _send_request(self, client: aiomqtt.Client) -> None:
+        """Publish the interval request: QoS 1 and retained, so an orchestrator that starts later learns it too."""
+        settings = self._settings
+        await client.publish(
+            settings.topics.interval(settings.runtime_id),
+            protocol.encode_interval(settings.interval, settings.grace),
+            qos=1,
+            retain=True,
+        )
+
+    async def _resend_loop(self, client: aiomqtt.Client) -> None:
+        """Re-send this connection's interval request with jittered backoff until a reply (either way) answers it.
+
+        A reply may come late or never (a request lost in a broker's full
+        queue, an orchestrator still starting); a rejection ends the
+        re-sends, since the same request would be refused again. The next
+        connection starts a fresh sequence.
+        """
+        for delay in self._settings.resend_delays():
+            await asyncio.sleep(delay)
+            if self._registered or self._rejected:
+                return
+            log.debug("no reply yet for %s; re-sending the interval request", self._settings.runtime_id)
+            try:
+                await self._send_request(client)
+            except aiomqtt.MqttError as exc:  # a lost connection is the reader's to notice
+                log.debug("re-sending the interval request failed: %s", exc)
 
     async def _read_replies(self, client: aiomqtt.Client) -> None:
-        """Handle later replies, e.g. to the request re-sent after a reconnect; raises MqttError on loss."""
+        """Handle the replies to this connection's requests; raises MqttError when the connection is lost."""
         settings = self._settings
         async for message in client.messages:
-            reply = self._take_reply(message)
-            if reply is None:
+            if message.topic.value != settings.topics.reply(settings.runtime_id):
                 continue
-            if reply.ok:
-                log.info("runtime %s registered again (session %s)", settings.runtime_id, self._session)
-            else:
-                log.error(
-                    "the orchestrator rejected the registration of %s: %s; withholding pulses",
-                    settings.runtime_id,
-                    rejection_text(reply),
-                )
+            payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
+            reply = parse_reply(settings, payload, message.retain)
+            if reply is not None:
+                self._take_reply(reply)
+                self._notify()
 
-    def _take_reply(self, message: aiomqtt.Message) -> protocol.Reply | None:
-        settings = self._settings
-        if message.topic.value != settings.topics.reply(settings.runtime_id):
-            return None
-        payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
-        reply = parse_reply(settings, payload, message.retain)
-        if reply is not None:
-            self._reply = reply
-            self._registered = reply.ok
-            self._rejected = not reply.ok
-        return reply
+    async def _until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds, checking it again whenever the registration or connection changes."""
+        while not predicate():
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        """Wake every :meth:`_until`; a fresh event makes the next wait block again."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def _pulse_loop(self, client: aiomqtt.Client, session: int) -> None:
         """Pulse on a monotonic schedule from the start of this connection; never raises MqttError."""
@@ -373,6 +401,11 @@ class AsyncAgent(AgentState):
         except aiomqtt.MqttError as exc:
             log.warning("the broker did not confirm the stopped state (%s); the will may report offline instead", exc)
 
+    def _request_stop(self) -> None:
+        assert self._stop_requested is not None
+        self._stop_requested.set()
+        self._notify()  # wait_registered() ends at once
+
     def _stopping(self) -> bool:
         return self._stop_requested is not None and self._stop_requested.is_set()
 
@@ -385,6 +418,20 @@ def _tls_error(exc: aiomqtt.MqttError) -> BaseException:
     """The SSL error behind an aiomqtt connect failure (it re-raises them as bare MqttError), for the hint."""
     context = exc.__context__
     return context if isinstance(context, ssl.SSLError) else exc
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the tasks and wait until they have ended, cancelling again any that swallowed it.
+
+    Python 3.11's ``asyncio.wait_for``, inside aiomqtt's ``publish``, drops a
+    cancellation that comes just as the publish completes; a pulse loop would
+    then go on pulsing, and its connection would never close (seen when a
+    stop fell on a pulse).
+    """
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.1)
 
 
 def _settle(started: asyncio.Future[None], error: BaseException | None = None) -> bool:

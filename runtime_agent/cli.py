@@ -1,13 +1,17 @@
 """``heartbeat-agent``: run the thread agent for one runtime until SIGTERM or SIGINT.
 
 A thin layer over :class:`runtime_agent.Agent`. Exit status: 0 after a
-graceful stop, 1 when the agent could not start (broker, orchestrator), 2
-for bad arguments. A broker that refuses the credentials (bad user name or
-password, not authorised) ends the start at once with status 1; other
-connection failures are retried until ``--timeout``. The password can come
-from ``HEARTBEAT_BROKER_PASSWORD`` instead of the URL, which ``ps`` shows.
-Errors are one line on stderr; the single stdout line announces a successful
-registration, so scripts and tests can wait for it.
+graceful stop, 1 when the agent could not connect or the orchestrator
+rejected the interval before ever accepting it, 2 for bad arguments. A
+broker that refuses the credentials (bad user name or password, not
+authorised) ends the start at once with status 1; other connection failures
+are retried until ``--timeout``. No reply from the orchestrator within
+``--timeout`` is no failure: it says so on stderr and keeps re-sending the
+request (and pulsing) until the reply comes. The password can come from
+``HEARTBEAT_BROKER_PASSWORD`` instead of the URL, which ``ps`` shows.
+Errors are one line on stderr; the single stdout line announces the
+registration once the orchestrator confirmed it, so scripts and tests can
+wait for it.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from . import __version__, protocol
-from .agent import DEFAULT_BROKER, Agent
-from .exceptions import HeartbeatError
+from .agent import Agent
+from .exceptions import HeartbeatError, RegistrationRejected, RegistrationTimeout
+from .shared import DEFAULT_BROKER
 
 PROG = "heartbeat-agent"
 log = logging.getLogger("runtime_agent")
@@ -55,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         metavar="S",
-        help="seconds to connect and get the orchestrator's reply (default: 10)",
+        help="seconds to connect (else exit 1) and to wait for the orchestrator's reply before saying that it "
+        "is still waiting (default: 10)",
     )
     parser.add_argument(
         "--check",
@@ -143,19 +149,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         except HeartbeatError as exc:
             return _error(exc, 1)
         except _Interrupted:
-            log.info("interrupted before registration completed")
+            log.info("interrupted while starting")
             agent.stop()  # the signal may have come just after start() returned
             return 0
-        _announce(agent, args)
-        # A signal that the kernel hands to another thread (paho's, the pulser's) runs its handler only once
-        # the main thread runs Python again; blocked in a lock with no timeout, it would never stop.
-        while not stop.wait(_SIGNAL_POLL):
-            pass
-        agent.stop()
-        return 0
+        return _run(agent, args, stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _run(agent: Agent, args: argparse.Namespace, stop: threading.Event) -> int:
+    """Announce the registration, now or when the late reply comes, and pulse until ``stop``.
+
+    Exits 1 if the orchestrator rejects the interval before ever accepting
+    it: the same request would be refused again, and a caller waiting for
+    the stdout line should not wait forever.
+    """
+    waiting = not agent.registered
+    if waiting:
+        print(
+            f"{PROG}: no reply yet from the orchestrator for {agent.runtime_id}; still waiting "
+            "(re-sending the interval request with backoff) and pulsing meanwhile",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        _announce(agent, args)
+    # A signal that the kernel hands to another thread (paho's, the pulser's) runs its handler only once
+    # the main thread runs Python again; blocked in a lock with no timeout, it would never stop.
+    while not stop.wait(_SIGNAL_POLL):
+        if not waiting:
+            continue
+        try:
+            agent.wait_registered(0)
+        except RegistrationTimeout:
+            continue
+        except RegistrationRejected as exc:
+            agent.stop()
+            return _error(exc, 1)
+        _announce(agent, args)
+        waiting = False
+    agent.stop()
+    return 0
 
 
 def _announce(agent: Agent, args: argparse.Namespace) -> None:

@@ -17,7 +17,11 @@ class ConnectError(HeartbeatError):
 
 
 class RegistrationTimeout(HeartbeatError):
-    """Connected, but no orchestrator answered the interval request in time."""
+    """No reply to the interval request within the time given to ``wait_registered()``.
+
+    ``start()`` does not raise it: without a reply it returns after its
+    timeout and the agent keeps re-sending the request in the background.
+    """
 
 
 class RegistrationRejected(HeartbeatError):

@@ -2,7 +2,8 @@
 
 There is no orchestrator in these tests: ``FakeOrchestrator`` is a plain
 paho client on the test's own broker that answers interval requests (ok or
-error) and records every state message and pulse, so each test can check
+error, or not at all, as a lost request or a late orchestrator would) and
+records every request, state message and pulse, so each test can check
 exactly what an orchestrator would see.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -28,7 +31,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from orchestrator.broker import free_port
 from runtime_agent import Agent, AsyncAgent, ConnectError, RegistrationRejected, RegistrationTimeout, protocol
-from runtime_agent.agent import default_client_id, next_pulse_at
+from runtime_agent.backoff import backoff_delays
+from runtime_agent.shared import RETRY_FIRST, RETRY_MAX, default_client_id, next_pulse_at
 
 from .harness import MosquittoBroker, start_mosquitto
 
@@ -61,11 +65,14 @@ class Seen:
 class FakeOrchestrator:
     """Answers interval requests with ok (or ``error``, if given) and records what runtimes publish.
 
-    It reconnects and resubscribes by itself, so it survives a broker restart.
+    The first ``ignore`` requests of each runtime get no answer, as if the
+    request or its reply were lost. It reconnects and resubscribes by itself,
+    so it survives a broker restart.
     """
 
-    def __init__(self, port: int, *, error: str | None = None) -> None:
+    def __init__(self, port: int, *, error: str | None = None, ignore: int = 0) -> None:
         self.error = error
+        self.ignore = ignore
         self.seen: list[Seen] = []
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
@@ -93,7 +100,7 @@ class FakeOrchestrator:
         with self._cond:
             self.seen.append(Seen(kind, rid, payload, time.monotonic()))
             self._cond.notify_all()
-        if kind == "interval" and payload:
+        if kind == "interval" and payload and len(self.requests(rid)) > self.ignore:
             request = protocol.decode_interval(payload)
             if self.error is None:
                 reply = protocol.encode_reply_ok(rid, request)
@@ -135,6 +142,9 @@ class FakeOrchestrator:
 
     def pulses(self, runtime_id: str) -> list[Seen]:
         return self.of("pulse", runtime_id)
+
+    def requests(self, runtime_id: str) -> list[Seen]:
+        return self.of("interval", runtime_id)
 
     def close(self) -> None:
         self._client.disconnect()
@@ -190,6 +200,30 @@ def runtime_id() -> str:
     return f"rt-{uuid.uuid4().hex[:8]}"
 
 
+def none_within(fake: FakeOrchestrator, predicate: Callable[[Seen], bool], seconds: float) -> bool:
+    """True if nothing matching arrives within ``seconds``: for what must not happen, given how late it could be."""
+    try:
+        fake.wait_for(predicate, seconds)
+    except AssertionError:
+        return True
+    return False
+
+
+LATE: dict[str, Any] = {"timeout": 0.2, "retry_first": 0.3, "retry_max": 5.0}
+"""Agent options for a reply that comes only after start() returned: start gives up waiting after 0.2 s,
+while the 3rd request leaves at least 0.3 * 0.5 + 0.6 * 0.5 = 0.45 s after the first."""
+NEVER = 1_000_000
+"""``ignore`` for a fake orchestrator that answers no request."""
+
+
+def assert_backoff_gaps(requests: list[Seen]) -> None:
+    """The gaps between requests double from LATE's 0.3 s, each times 0.5-1.5 (with 50-100 ms for delivery)."""
+    gaps = [b.at - a.at for a, b in itertools.pairwise(requests)]
+    for n, gap in enumerate(gaps):
+        base = LATE["retry_first"] * 2**n
+        assert 0.5 * base - 0.05 < gap < 1.5 * base + 0.1, gaps
+
+
 # --- fixtures ----------------------------------------------------------------
 
 
@@ -207,6 +241,21 @@ def rejecting_orchestrator(mosquitto: MosquittoBroker) -> Iterator[FakeOrchestra
     fake = FakeOrchestrator(mosquitto.port, error="interval below this deployment's minimum of 1 s")
     yield fake
     fake.close()
+
+
+@pytest.fixture
+def make_orchestrator(mosquitto: MosquittoBroker) -> Iterator[Callable[..., FakeOrchestrator]]:
+    """Builds fake orchestrators with the given options (``error``, ``ignore``) on the test's broker."""
+    fakes: list[FakeOrchestrator] = []
+
+    def make(**options: Any) -> FakeOrchestrator:
+        fake = FakeOrchestrator(mosquitto.port, **options)
+        fakes.append(fake)
+        return fake
+
+    yield make
+    for fake in fakes:
+        fake.close()
 
 
 @pytest.fixture
@@ -270,6 +319,15 @@ class AgentProcess:
         self._log.flush()
         return self.log_path.read_text()
 
+    def wait_stderr_line(self, text: str, timeout: float = 10.0) -> str:
+        """The first stderr line containing ``text``, polling the log file until it comes."""
+        deadline = time.monotonic() + timeout
+        while (line := next((ln for ln in self.stderr().splitlines() if text in ln), None)) is None:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(f"no stderr line with {text!r}: {self.stderr()}")
+            time.sleep(0.02)
+        return line
+
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
@@ -310,12 +368,46 @@ def test_default_client_id_fits_64_characters_and_keeps_long_ids_apart() -> None
     assert default_client_id(long_a) != default_client_id(long_b)
 
 
+def test_backoff_without_jitter_doubles_up_to_the_cap() -> None:
+    delays = backoff_delays(2.0, 60.0, jitter=0)
+    assert list(itertools.islice(delays, 8)) == [2, 4, 8, 16, 32, 60, 60, 60]
+
+
+def test_backoff_jitter_scales_each_delay_by_half_to_one_and_a_half() -> None:
+    bases = [0.2 * 2**n for n in range(5)] + [5.0] * 195
+    delays = itertools.islice(backoff_delays(0.2, 5.0, rng=random.Random(24).random), len(bases))
+    ratios = [delay / base for delay, base in zip(delays, bases, strict=True)]
+    assert all(0.5 <= ratio <= 1.5 for ratio in ratios), ratios
+    # the whole band is used: a fleet spreads out
+    assert min(ratios) < 0.6
+    assert max(ratios) > 1.4
+
+
+def test_backoff_rejects_a_cap_below_the_first_delay_at_the_call() -> None:
+    with pytest.raises(ValueError, match="cap"):
+        backoff_delays(2.0, 1.0)
+
+
+def test_default_resend_schedule_stays_far_below_the_orchestrators_rate_limit() -> None:
+    """At the shortest jitter, the first request and its re-sends: at most 6 in any minute (the limit is 30)."""
+    delays = backoff_delays(RETRY_FIRST, RETRY_MAX, rng=lambda: 0.0)
+    sent = [0.0, *itertools.accumulate(itertools.islice(delays, 40))]
+    assert max(sum(1 for t in sent if start <= t < start + 60) for start in sent) == 6
+
+
 @pytest.mark.parametrize(
     "options",
-    [{"interval": 0.01}, {"interval": float("nan")}, {"interval": 1, "grace": -1}, {"interval": 1, "timeout": 0}],
+    [
+        {"interval": 0.01},
+        {"interval": float("nan")},
+        {"interval": 1, "grace": -1},
+        {"interval": 1, "timeout": 0},
+        {"interval": 1, "retry_first": 0},
+        {"interval": 1, "retry_first": 2, "retry_max": 1},
+    ],
 )
 def test_bad_options_raise_value_error_before_any_network_io(options: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match="must be"):
+    with pytest.raises(ValueError, match=r"must (not )?be"):
         Agent("web-1", broker="mqtt://127.0.0.1:1", **options)
 
 
@@ -382,13 +474,112 @@ def test_rejection_raises_registration_rejected_with_the_error_text(
 
 
 @pytest.mark.timeout(20)
-def test_without_orchestrator_start_times_out_within_timeout(make_agent: Callable[..., Agent]) -> None:
+def test_without_orchestrator_start_returns_after_timeout_still_connected(make_agent: Callable[..., Agent]) -> None:
     agent = make_agent(timeout=1.0)
     began = time.monotonic()
+    agent.start()
+    assert 1.0 <= time.monotonic() - began < 2.5
+    assert (agent.connected, agent.registered) == (True, False)
+
+
+@pytest.mark.timeout(20)
+def test_without_orchestrator_start_warns_that_it_keeps_trying(
+    make_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = make_agent(timeout=0.5)
+    agent.start()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"no reply to the interval request for {agent.runtime_id!r} within 0.5 s on {agent.broker} "
+        "(prefix 'heartbeat/v1'); still waiting (re-sending with backoff) and pulsing meanwhile"
+    ]
+
+
+@pytest.mark.timeout(20)
+def test_wait_registered_without_a_reply_raises_registration_timeout(make_agent: Callable[..., Agent]) -> None:
+    agent = make_agent(timeout=0.5)
+    agent.start()
     with pytest.raises(RegistrationTimeout, match="orchestrator running"):
-        agent.start()
-    assert time.monotonic() - began < 2.5
-    assert not agent.connected
+        agent.wait_registered(0.3)
+
+
+@pytest.mark.timeout(20)
+def test_wait_registered_returns_the_reply_of_a_registered_agent(started_agent: Agent) -> None:
+    assert started_agent.wait_registered(0) == started_agent.reply
+
+
+@pytest.mark.timeout(20)
+def test_unanswered_request_is_resent_with_growing_gaps_until_answered(
+    make_agent: Callable[..., Agent], make_orchestrator: Callable[..., FakeOrchestrator]
+) -> None:
+    fake = make_orchestrator(ignore=2)  # answers the 3rd request
+    agent = make_agent(**LATE)
+    agent.start()
+    returned, registered_at_return = time.monotonic(), agent.registered
+    reply = agent.wait_registered(5)
+    requests = fake.requests(agent.runtime_id)
+    assert (registered_at_return, agent.registered, reply.ok) == (False, True, True)
+    assert len(requests) == 3
+    assert requests[2].at > returned
+    assert_backoff_gaps(requests)
+
+
+@pytest.mark.timeout(20)
+def test_late_confirmation_is_logged_with_the_time_it_took(
+    make_agent: Callable[..., Agent],
+    make_orchestrator: Callable[..., FakeOrchestrator],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="runtime_agent")
+    make_orchestrator(ignore=2)
+    agent = make_agent(**LATE)
+    agent.start()
+    agent.wait_registered(5)
+    lines = [r.getMessage() for r in caplog.records if " registered " in r.getMessage()]
+    assert len(lines) == 1, lines
+    prefix = f"runtime {agent.runtime_id} registered (interval {INTERVAL:g} s, grace {INTERVAL:g} s) after "
+    assert lines[0].startswith(prefix), lines
+    assert 0.2 <= float(lines[0].removeprefix(prefix).removesuffix(" s")) < 5
+
+
+@pytest.mark.timeout(20)
+def test_pulses_go_out_before_the_confirmation(
+    make_agent: Callable[..., Agent], make_orchestrator: Callable[..., FakeOrchestrator]
+) -> None:
+    fake = make_orchestrator(ignore=NEVER)
+    agent = make_agent(**LATE)
+    agent.start()
+    fake.wait_for(pulse_of(agent.runtime_id, agent.session))
+    assert agent.reply is None
+
+
+@pytest.mark.timeout(20)
+def test_rejection_after_start_stops_the_resends(
+    make_agent: Callable[..., Agent], make_orchestrator: Callable[..., FakeOrchestrator]
+) -> None:
+    fake = make_orchestrator(ignore=2, error="interval below this deployment's minimum of 1 s")
+    agent = make_agent(**LATE)
+    agent.start()
+    with pytest.raises(RegistrationRejected, match="minimum of 1 s"):
+        agent.wait_registered(5)
+    rid, third = agent.runtime_id, fake.requests(agent.runtime_id)[-1]
+    # The 4th request would have left within 1.2 * 1.5 = 1.8 s of the 3rd.
+    assert none_within(fake, lambda seen: seen.kind == "interval" and seen.runtime_id == rid and seen.at > third.at, 2)
+
+
+@pytest.mark.timeout(20)
+def test_rejection_after_start_withholds_pulses(
+    make_agent: Callable[..., Agent], make_orchestrator: Callable[..., FakeOrchestrator]
+) -> None:
+    fake = make_orchestrator(ignore=2, error="interval below this deployment's minimum of 1 s")
+    agent = make_agent(**LATE)
+    agent.start()
+    with pytest.raises(RegistrationRejected):
+        agent.wait_registered(5)
+    rejected = time.monotonic()
+    assert fake.pulses(agent.runtime_id)  # it pulsed while waiting
+    # A pulse already on its way (50 ms) may still land; none may leave after the rejection.
+    assert none_within(fake, lambda seen: pulse_of(agent.runtime_id)(seen) and seen.at > rejected + 0.05, 5 * INTERVAL)
 
 
 @pytest.mark.timeout(20)
@@ -595,14 +786,38 @@ def test_cli_check_true_lets_pulses_through(
 
 
 @pytest.mark.timeout(30)
-def test_cli_without_orchestrator_exits_1_with_one_error_line(
-    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker
+def test_cli_says_it_is_still_waiting_then_prints_the_registration_line(
+    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker, make_orchestrator: Callable[..., FakeOrchestrator]
 ) -> None:
-    agent = run_cli("--id", runtime_id(), "--interval", "1", "--broker", mosquitto.url, "--timeout", "0.5")
+    make_orchestrator(ignore=1)  # answers the first re-send, 1-3 s after the request
+    rid = runtime_id()
+    agent = run_cli(*cli_args(mosquitto, rid, "--timeout", "0.5"))
+    waiting = agent.wait_stderr_line("heartbeat-agent: no reply yet")
+    stdout_then = list(agent.lines)
+    assert waiting == (
+        f"heartbeat-agent: no reply yet from the orchestrator for {rid}; still waiting "
+        "(re-sending the interval request with backoff) and pulsing meanwhile"
+    )
+    assert "registered" not in waiting  # scripts wait for "registered" on stdout
+    assert stdout_then == []
+    assert agent.wait_registered() == (
+        f"heartbeat-agent: runtime {rid} registered (interval {INTERVAL:g} s, grace {INTERVAL:g} s) "
+        f"on {mosquitto.url}; pulsing"
+    )
+
+
+@pytest.mark.timeout(30)
+def test_cli_exits_1_when_the_orchestrator_rejects_a_late_request(
+    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker, make_orchestrator: Callable[..., FakeOrchestrator]
+) -> None:
+    make_orchestrator(ignore=1, error="interval below this deployment's minimum of 1 s")
+    agent = run_cli(*cli_args(mosquitto, runtime_id(), "--timeout", "0.5"))
     assert agent.process.wait(10) == 1
     errors = [line for line in agent.stderr().splitlines() if line.startswith("heartbeat-agent: error:")]
-    assert len(errors) == 1
-    assert "orchestrator running" in errors[0]
+    assert errors == [
+        "heartbeat-agent: error: the orchestrator rejected the registration: "
+        "interval below this deployment's minimum of 1 s"
+    ]
     assert agent.lines == []
 
 
@@ -693,13 +908,76 @@ def test_async_rejection_raises_registration_rejected(
 
 
 @pytest.mark.timeout(20)
-def test_async_without_orchestrator_times_out_within_timeout(mosquitto: MosquittoBroker) -> None:
-    agent = AsyncAgent(runtime_id(), interval=INTERVAL, broker=mosquitto.url, timeout=1.0)
-    began = time.monotonic()
-    with pytest.raises(RegistrationTimeout, match="orchestrator running"):
-        asyncio.run(agent.start())
-    assert time.monotonic() - began < 2.5
-    assert not agent.connected
+def test_async_without_orchestrator_start_returns_after_timeout_still_connected(mosquitto: MosquittoBroker) -> None:
+    async def scenario() -> None:
+        agent = AsyncAgent(runtime_id(), interval=INTERVAL, broker=mosquitto.url, timeout=1.0)
+        began = time.monotonic()
+        async with agent:
+            assert 1.0 <= time.monotonic() - began < 2.5
+            assert (agent.connected, agent.registered) == (True, False)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(20)
+def test_async_wait_registered_without_a_reply_raises_registration_timeout(mosquitto: MosquittoBroker) -> None:
+    async def scenario() -> None:
+        async with AsyncAgent(runtime_id(), interval=INTERVAL, broker=mosquitto.url, timeout=0.5) as agent:
+            with pytest.raises(RegistrationTimeout, match="orchestrator running"):
+                await agent.wait_registered(0.3)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(20)
+def test_async_unanswered_request_is_resent_until_answered(
+    mosquitto: MosquittoBroker, make_orchestrator: Callable[..., FakeOrchestrator]
+) -> None:
+    fake = make_orchestrator(ignore=2)  # answers the 3rd request
+
+    async def scenario() -> None:
+        async with AsyncAgent(runtime_id(), interval=INTERVAL, broker=mosquitto.url, **LATE) as agent:
+            returned, registered_at_return = time.monotonic(), agent.registered
+            reply = await agent.wait_registered(5)
+            requests = fake.requests(agent.runtime_id)
+            assert (registered_at_return, agent.registered, reply.ok) == (False, True, True)
+            assert len(requests) == 3
+            assert requests[2].at > returned
+            assert_backoff_gaps(requests)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(20)
+def test_async_pulses_go_out_before_the_confirmation(
+    mosquitto: MosquittoBroker, make_orchestrator: Callable[..., FakeOrchestrator]
+) -> None:
+    fake = make_orchestrator(ignore=NEVER)
+
+    async def scenario() -> None:
+        async with AsyncAgent(runtime_id(), interval=INTERVAL, broker=mosquitto.url, **LATE) as agent:
+            await fake.await_for(pulse_of(agent.runtime_id, agent.session))
+            assert agent.reply is None
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(20)
+def test_async_rejection_after_start_stops_the_resends(
+    mosquitto: MosquittoBroker, make_orchestrator: Callable[..., FakeOrchestrator]
+) -> None:
+    fake = make_orchestrator(ignore=2, error="interval below this deployment's minimum of 1 s")
+
+    async def scenario() -> None:
+        async with AsyncAgent(runtime_id(), interval=INTERVAL, broker=mosquitto.url, **LATE) as agent:
+            with pytest.raises(RegistrationRejected, match="minimum of 1 s"):
+                await agent.wait_registered(5)
+            rid, third = agent.runtime_id, fake.requests(agent.runtime_id)[-1]
+            # The 4th request would have left within 1.2 * 1.5 = 1.8 s of the 3rd.
+            later = lambda seen: seen.kind == "interval" and seen.runtime_id == rid and seen.at > third.at  # noqa: E731
+            assert await asyncio.to_thread(none_within, fake, later, 2)
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.timeout(20)

@@ -24,6 +24,7 @@ SCENARIOS = [
     "scaling",
     "will_storm",
     "embedded",
+    "registration",
 ]
 
 

@@ -113,16 +113,18 @@ class Mosquitto:
     ``max_queued_messages 0`` lifts the per-client cap (1000 by default) under
     which Mosquitto drops QoS 0 messages for a subscriber that falls behind;
     with it, a slow consumer shows up as lag (its count arriving late), not as
-    silent loss inside the broker.
+    silent loss inside the broker. ``defaults=True`` keeps Mosquitto's own
+    limits, for what must hold on a broker as users run it.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, defaults: bool = False) -> None:
         self.port = free_port()
         self.conf = directory / f"mosquitto-{self.port}.conf"
         self.log = directory / f"mosquitto-{self.port}.log"
+        limits = "" if defaults else "max_queued_messages 0\n"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"max_queued_messages 0\nset_tcp_nodelay true\nmax_connections -1\nmax_keepalive 65535\n"
+            f"{limits}set_tcp_nodelay true\nmax_connections -1\nmax_keepalive 65535\n"
             f"log_dest file {self.log}\nlog_type error\nlog_type warning\n"
         )
         self.process = subprocess.Popen(
@@ -218,7 +220,7 @@ class Orchestrator:
     def __init__(
         self,
         directory: Path,
-        db: Path,
+        db: Path | str,
         *,
         broker: str | None = None,
         listen: str | None = None,
@@ -234,7 +236,7 @@ class Orchestrator:
             **(extra or {}),
         }
         self.config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
-        args = ["--db", f"sqlite:///{db}", "--config", str(self.config)]
+        args = ["--db", db if isinstance(db, str) else f"sqlite:///{db}", "--config", str(self.config)]
         args += ["--broker", broker] if broker else ["--listen", str(listen)]
         self.log_path = directory / "orchestrator.log"
         self._log = self.log_path.open("ab")
@@ -378,9 +380,9 @@ class Observer:
 class Bench:
     """A scenario's temporary directory and Mosquitto; ``orchestrator()`` and ``observer()`` are cleaned up too."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, broker_defaults: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"hb-bench-{name}-"))
-        self.mosquitto = Mosquitto(self.dir)
+        self.mosquitto = Mosquitto(self.dir, defaults=broker_defaults)
         self._closers: list[Callable[[], None]] = []
 
     @property
@@ -394,7 +396,7 @@ class Bench:
         seed_db(path, n, interval=interval, grace=grace, alive=alive)
         return path
 
-    def orchestrator(self, db: Path, **kw: Any) -> Orchestrator:
+    def orchestrator(self, db: Path | str, **kw: Any) -> Orchestrator:
         kw.setdefault("broker", self.mosquitto.url)
         orch = Orchestrator(self.dir, db, **kw)
         self._closers.append(orch.stop)
@@ -421,8 +423,8 @@ class Bench:
 
 
 @contextmanager
-def bench(name: str) -> Iterator[Bench]:
-    b = Bench(name)
+def bench(name: str, *, broker_defaults: bool = False) -> Iterator[Bench]:
+    b = Bench(name, broker_defaults=broker_defaults)
     try:
         yield b
     finally:
@@ -430,7 +432,7 @@ def bench(name: str) -> Iterator[Bench]:
 
 
 def start_ready(
-    b: Bench, db: Path, observer: Observer, timeout: float = 180.0, **kw: Any
+    b: Bench, db: Path | str, observer: Observer, timeout: float = 180.0, **kw: Any
 ) -> tuple[Orchestrator, float]:
     """Start an orchestrator and wait for its live ``online``; returns it and the seconds it took."""
     orch = b.orchestrator(db, **kw)

@@ -17,9 +17,22 @@ QoS 1 publish here (a paho message object, a future, a callback); this costs
 a few. Nothing is retried on this connection: if it breaks, ``publish``
 raises and the caller keeps the messages for the next connection.
 
-Control traffic (interval requests, state messages, replies, echoes, stats)
-stays on the general client. Brokers that speak only MQTT 3.1.1 (the
-embedded amqtt) get everything on that client instead.
+Interval requests come this way too, at QoS 0 like pulses: a fleet starting
+at once sends thousands in a second. On the general client (paho, one packet
+per event-loop turn, a few recv calls each) 20,000 trickled in at 1,000 a
+second while Mosquitto held the rest, and it drops QoS 1 messages for a
+client beyond 20 in flight and 1,000 queued. At QoS 1 here, with the largest
+Receive Maximum, 100,000 at once still lost 16,000-27,000: Mosquitto reads one
+packet per socket per turn of its loop, so our PUBACKs were taken at a
+sixteenth of the rate the fleet's sixteen connections published, and the
+65,534 in flight filled up. At QoS 0 nothing waits for an acknowledgement:
+the socket buffers and this reader's pace are the only limit (100,000 at
+once: none lost). A request that carries an MQTT 5 Response Topic goes to
+``request_sink`` with its packet, for the reply's properties.
+
+Other control traffic (commands, replies on Response Topics, stats) stays on
+the general client. Brokers that speak only MQTT 3.1.1 (the embedded amqtt)
+get everything on that client instead.
 """
 
 from __future__ import annotations
@@ -40,6 +53,9 @@ PulseSink = Callable[[str, bytes, float, bool], None]
 
 ``retained`` is True only for a retained copy delivered at subscribe (the
 subscription does not keep the retain flag of live messages)."""
+
+RequestSink = Callable[[mqtt5.PublishPacket, float], None]
+"""Called as ``sink(packet, now)`` for every message that carries a Response Topic (a request to answer there)."""
 
 
 Message = tuple[str, bytes, bool]
@@ -92,8 +108,9 @@ class _Batch:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, sink: PulseSink) -> None:
+    def __init__(self, sink: PulseSink, request_sink: RequestSink | None = None) -> None:
         self.sink = sink
+        self.request_sink = request_sink
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.connack: asyncio.Future[mqtt5.ConnAckPacket] = asyncio.get_running_loop().create_future()
@@ -139,7 +156,10 @@ class _Protocol(asyncio.Protocol):
                 pos += size
                 if type(packet) is publish:
                     count += 1
-                    sink(packet.topic, packet.payload, now, packet.retain)
+                    if packet.response_topic is None:
+                        sink(packet.topic, packet.payload, now, packet.retain)
+                    else:
+                        self._request(packet, now)
                 elif type(packet) is puback:
                     self._acked(packet)
                 else:
@@ -159,6 +179,15 @@ class _Protocol(asyncio.Protocol):
             # The socket is empty: let it gather before the next read (see _COALESCE_DELAY).
             self.transport.pause_reading()
             asyncio.get_running_loop().call_later(_COALESCE_DELAY, self.resume_reading)
+
+    def _request(self, packet: mqtt5.PublishPacket, now: float) -> None:
+        """A message with a Response Topic: to ``request_sink`` whole (without one, it is dropped)."""
+        if self.request_sink is None:
+            return
+        try:
+            self.request_sink(packet, now)
+        except Exception:  # one bad request must not cost the stream
+            log.exception("pulse connection: handling a request on %r failed", packet.topic[:200])
 
     def resume_reading(self) -> None:
         """End a coalescing pause now (a timer does it otherwise); nothing if the connection is closing."""
@@ -236,6 +265,7 @@ class PulseReader:
         topic_filters: list[str],
         sink: PulseSink,
         client_id: str,
+        request_sink: RequestSink | None = None,
         username: str | None = None,
         password: str | None = None,
         tls: ssl.SSLContext | None = None,
@@ -246,6 +276,7 @@ class PulseReader:
         self._host, self._port, self._tls = host, port, tls
         self._filters = topic_filters
         self._sink = sink
+        self._request_sink = request_sink
         self._client_id = client_id
         self._username = username
         self._password = password
@@ -264,7 +295,7 @@ class PulseReader:
         try:
             async with asyncio.timeout(self._timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: _Protocol(self._sink), self._host, self._port, ssl=self._tls
+                    lambda: _Protocol(self._sink, self._request_sink), self._host, self._port, ssl=self._tls
                 )
                 self._protocol = protocol
                 assert protocol.transport is not None
@@ -350,6 +381,30 @@ class PulseReader:
         if batch.refused:
             log.warning("the broker refused %d of %d status/alert publishes", batch.refused, batch.sent)
         return batch.refused
+
+    async def send(self, messages: Iterable[Message], *, burst: int = _BURST) -> None:
+        """Publish every ``(topic, payload, retain)`` at QoS 0: written in bursts, pulses read between them.
+
+        Nothing is acknowledged, so nothing is waited for and no in-flight
+        window applies (Mosquitto's is 20 for QoS 1). Raises
+        :class:`PulseReaderError` if the connection is or becomes closed.
+        """
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
+            raise PulseReaderError("the pulse connection is closed")
+        transport = protocol.transport
+        encode = mqtt5.PublishPacket
+        chunk: list[bytes] = []
+        for topic, payload, retain in messages:
+            chunk.append(encode(topic, payload, retain=retain).write())
+            if len(chunk) >= burst:
+                transport.write(b"".join(chunk))
+                chunk.clear()
+                await asyncio.sleep(0)
+                if transport.is_closing():
+                    raise PulseReaderError("the pulse connection closed while publishing")
+        if chunk:
+            transport.write(b"".join(chunk))
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[None]:

@@ -93,6 +93,26 @@ class HeartbeatCollector(Collector):
         for reason, n in sorted(counters.get("rejected", {}).items()):
             rejected.add_metric([reason], n)
         yield rejected
+        registrations = CounterMetricFamily(
+            "heartbeat_registrations",
+            "Interval requests by outcome: received (live or retained), confirmed, rejected, "
+            "healed (registered from a retained request fetched after the runtime pulsed unregistered).",
+            labels=["outcome"],
+        )
+        registration: Mapping[str, int] = counters.get("registration", {})
+        for outcome in ("received", "confirmed", "rejected", "healed"):
+            registrations.add_metric([outcome], registration.get(outcome, 0))
+        yield registrations
+        yield CounterMetricFamily(
+            "heartbeat_registration_fetches",
+            "Retained registrations fetched from the broker for runtimes that pulsed unregistered.",
+            value=registration.get("fetched", 0),
+        )
+        yield CounterMetricFamily(
+            "heartbeat_unregistered_pulses",
+            "Pulses from runtimes not (yet) registered.",
+            value=counters.get("unregistered_pulses", 0),
+        )
         latency = source.verdict_latency
         yield HistogramMetricFamily(
             "heartbeat_verdict_latency_seconds",

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import aiomqtt
+import mqtt5
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -49,6 +50,7 @@ from .config import Config
 from .conflict import ConflictWatch
 from .detector import Detector, NotRegistered, State, Transition
 from .dispatch import Dispatcher, Route, build_routes, retry_policy, storm_policy
+from .healing import RegistrationHealer
 from .ingest import Message, PulseReader, PulseReaderError
 from .metrics import LatencyHistogram
 from .notify import MqttNotifier, Notice, NotifyError
@@ -76,6 +78,12 @@ _COMMAND_QUEUE = 1_000
 """Maintenance commands waiting to run; more are refused (``busy``): they are a person's, not a fleet's."""
 _CLEAR_ECHO = 30.0
 """Seconds an empty message on a topic we cleared is taken for the echo of our own clear."""
+_HEAL_GATHER = 0.2
+"""Seconds the fetcher waits after the first unregistered pulse, so a burst of them makes one SUBSCRIBE."""
+_HEAL_HOLD = 1.0
+"""Seconds a fetch's subscriptions stay, for the retained copies (amqtt sends them from a task of its own)."""
+_TALLY_PERIOD = 60.0
+"""Pulses from unregistered runtimes are logged as one line per this many seconds."""
 
 
 class WallClock:
@@ -214,6 +222,10 @@ class Orchestrator:
         self._mqtt5 = config.mqtt_version != "3.1.1" and config.broker is not None  # amqtt speaks 3.1.1
         self._probing_version = config.mqtt_version == "auto" and config.broker is not None
         self._requests: asyncio.Queue[_Request] = asyncio.Queue()
+        self._replies: asyncio.Queue[list[tuple[_Request, bytes]]] = asyncio.Queue()
+        """Each registration batch's replies, sent by ``_replier`` while the registrar goes on to the next batch."""
+        self.healer = RegistrationHealer()
+        self._heal_wake = asyncio.Event()
         self._outbox: list[Transition] = []
         self._unsent_alerts: list[FlipRow] = []
         self._notified_keys: set[tuple[str, float]] = set()
@@ -332,6 +344,8 @@ class Orchestrator:
                 asyncio.create_task(job(), name=job.__name__)
                 for job in (
                     self._registrar,
+                    self._replier,
+                    self._healer,
                     self._watcher,
                     self._publisher,
                     self._refresher,
@@ -431,6 +445,7 @@ class Orchestrator:
             logger=self._mqtt_log,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # no Nagle delay on echoes and alerts
             timeout=min(10.0, max(2.0, 2 * self.config.echo_timeout)),  # a half-open link must not stall reconnects
+            properties=_connect_properties() if self._mqtt5 else None,
         )
         # aiomqtt logs a warning for every publish beyond 10 in flight; a batch of verdicts has thousands.
         client.pending_calls_threshold = 1_000_000
@@ -441,15 +456,21 @@ class Orchestrator:
         lean = self._mqtt5 and self.config.pulse_connection == "auto"
         # Births and wills ride with the pulses: 10,000 wills at once arrive as fast as pulses do,
         # not 20 in flight at a time as QoS 1 deliveries to the general client.
-        pulse_filters = [self.topics.pulse_filter, self.topics.state_filter, self._echo_topic]
+        # Interval requests too: a fleet starting at once sends them as fast as pulses (orchestrator.ingest).
+        lean_filters = [
+            self.topics.pulse_filter,
+            self.topics.state_filter,
+            self.topics.interval_filter,
+            self._echo_topic,
+        ]
         subscriptions = [*self.topics.subscriptions(), (self._echo_topic, 0)]
-        await client.subscribe([(t, q) for t, q in subscriptions if not (lean and t in pulse_filters)])
+        await client.subscribe([(t, q) for t, q in subscriptions if not (lean and t in lean_filters)])
         self._client = client
         self._probing_version = False
         self._link_lost = asyncio.get_running_loop().create_future()
         async with contextlib.AsyncExitStack() as stack:
             if lean:
-                self._pulse_reader = await stack.enter_async_context(self._make_pulse_reader(pulse_filters))
+                self._pulse_reader = await stack.enter_async_context(self._make_pulse_reader(lean_filters))
             return await self._judge(client, stopper)
 
     def _make_pulse_reader(self, topic_filters: list[str]) -> PulseReader:
@@ -461,6 +482,7 @@ class Orchestrator:
             port=address.port,
             topic_filters=topic_filters,
             sink=self._on_lean_message,
+            request_sink=self._on_lean_request,
             client_id=f"{self.config.client_id}-pulses",
             username=address.username,
             password=address.password,
@@ -692,6 +714,9 @@ class Orchestrator:
             transition = self.detector.pulse(runtime_id, now, session)
         except NotRegistered:
             self._reject("unregistered", runtime_id, "pulse from unregistered runtime")
+            self.stats["unregistered_pulses"] += 1
+            if protocol.is_valid_id(runtime_id) and self.healer.unregistered_pulse(runtime_id, now):
+                self._heal_wake.set()
             return
         self.pulses += 1
         if transition is not None:
@@ -705,6 +730,16 @@ class Orchestrator:
             self.on_pulse(self.topics.pulse_id(topic), payload, now)  # the hot path: nothing in between
         else:
             self._receive(topic, payload, retained)
+
+    def _on_lean_request(self, packet: mqtt5.PublishPacket, now: float) -> None:
+        """A message from the lean reader with an MQTT 5 Response Topic (an interval request), with its properties."""
+        properties = None
+        if packet.response_topic is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.ResponseTopic = packet.response_topic
+            if packet.correlation_data is not None:
+                properties.CorrelationData = packet.correlation_data
+        self._receive(packet.topic, packet.payload, packet.retain, properties)
 
     # --- echo: proving the link before a verdict -----------------------------
 
@@ -797,15 +832,76 @@ class Orchestrator:
             batch = [await self._requests.get()]
             while len(batch) < _REQUEST_BATCH and not self._requests.empty():
                 batch.append(self._requests.get_nowait())
+            self.stats["registration.received"] += len(batch)
             replies: list[tuple[_Request, bytes]] = []
             try:
                 await self._register_batch(batch, replies)
             except Exception:
                 log.exception("registration batch failed")
-            # Replies go after the whole batch is in the detector, all at once: awaited one by one, each
-            # QoS 1 round trip held back the next registration (a second for a few hundred), while
-            # those runtimes' pulses were refused as unregistered and their first window ran out.
-            await asyncio.gather(*(self._reply(req, payload) for req, payload in replies))
+            # Replies go after the whole batch is in the detector, and are sent by the replier while
+            # this goes on to the next batch: awaited here, each batch's QoS 1 round trips (20 in
+            # flight on Mosquitto's defaults) held back the next, 20,000 registrations took 9 s.
+            if replies:
+                self._replies.put_nowait(replies)
+
+    async def _replier(self) -> None:
+        """Send registration replies, as many as have queued up, in one go."""
+        while True:
+            replies = await self._replies.get()
+            while not self._replies.empty():
+                replies += self._replies.get_nowait()
+            await self._send_replies(replies)
+
+    async def _healer(self) -> None:
+        """Fetch the retained registrations of runtimes that pulse unregistered (see orchestrator.healing).
+
+        Also says, once a period, how many pulses came from unregistered
+        runtimes: the warning per ID is logged once, this goes on.
+        """
+        next_tally = time.monotonic() + _TALLY_PERIOD
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_tally - time.monotonic())):
+                    await self._heal_wake.wait()
+            if time.monotonic() >= next_tally:
+                next_tally = time.monotonic() + _TALLY_PERIOD
+                self._log_tally()
+            if not self._heal_wake.is_set():
+                continue
+            self._heal_wake.clear()
+            await asyncio.sleep(_HEAL_GATHER)
+            client = self._client
+            if client is None:  # cut off from the broker: try again once connected
+                await asyncio.sleep(_HEAL_HOLD)
+                self._heal_wake.set()
+                continue
+            ids = self.healer.take(time.monotonic())
+            if not ids:
+                continue
+            self.stats["registration.fetched"] += len(ids)
+            topics = [self.topics.interval(rid) for rid in ids]
+            try:
+                await client.subscribe([(topic, 1) for topic in topics])
+                await asyncio.sleep(_HEAL_HOLD)
+                await client.unsubscribe(topics)
+            except aiomqtt.MqttError as exc:
+                log.warning("could not fetch %d retained registrations: %s", len(ids), exc)
+            if len(self.healer):
+                self._heal_wake.set()
+
+    def _log_tally(self) -> None:
+        tally = self.healer.tally()
+        if tally is not None:
+            log.warning(
+                "%d pulses from %d unregistered runtimes in the last %.0f s (e.g. %s); "
+                "registrations fetched from the broker so far: %d, of which registered: %d",
+                tally.pulses,
+                tally.runtimes,
+                _TALLY_PERIOD,
+                ", ".join(map(_shown, tally.examples)),
+                self.healer.fetched,
+                self.healer.healed,
+            )
 
     async def _register_batch(self, batch: list[_Request], replies: list[tuple[_Request, bytes]]) -> None:
         """Store and apply a batch of interval requests; the replies they owe are appended to ``replies``."""
@@ -823,6 +919,7 @@ class Orchestrator:
                     raise ProtocolError("malformed", "the request could not be decoded") from exc
             except ProtocolError as exc:
                 self._reject(exc.reason, req.runtime_id, f"interval request: {exc}")
+                self.stats["registration.rejected"] += 1
                 if not req.retained:
                     replies.append((req, protocol.encode_reply_error(_shown_id(req.runtime_id), str(exc))))
                 continue
@@ -834,6 +931,7 @@ class Orchestrator:
             if refusal is not None:
                 reason, error = refusal
                 self._reject(reason, req.runtime_id, f"interval request: {error}")
+                self.stats["registration.rejected"] += 1
                 if not req.retained:
                     replies.append((req, protocol.encode_reply_error(req.runtime_id, error)))
                 continue
@@ -851,6 +949,7 @@ class Orchestrator:
                 await self._db(self.store.deregister, removals)
         except Exception as exc:
             self.stats["rejected.database"] += len(accepted)
+            self.stats["registration.rejected"] += len(accepted)
             log.error("database refused %d registrations: %s", len(accepted), exc)
             for req, _ in accepted:
                 if not req.retained:
@@ -860,21 +959,29 @@ class Orchestrator:
         now = time.monotonic()
         for req, interval in accepted:
             rid = req.runtime_id
+            answer = not req.retained
             if interval is None:
                 if self.detector.deregister(rid):
                     log.info("%s deregistered", rid)
                 self.conflicts.forget(rid)
                 self._status_due.add(rid)
             else:
+                if req.retained and rid not in self.detector and self.healer.registered(rid, now):
+                    # A retained copy gets no reply, but this runtime is pulsing: tell it now, not at its next re-send.
+                    answer = True
+                    self.stats["registration.healed"] += 1
+                    log.info("%s registered from its retained request, fetched after it pulsed unregistered", rid)
                 transition = self.detector.register(rid, interval.interval, interval.grace, now, live=not req.retained)
                 session = self._early_sessions.pop(rid, None)
                 if session is not None:
                     self.detector.online(rid, now, session, live=False)  # records the session only
-                self._status_due.add(rid)
                 if transition is not None:
-                    self._emit(transition)
-            if not req.retained:
+                    self._emit(transition)  # its status follows it
+                else:
+                    self._status_due.add(rid)
+            if answer:
                 self.stats["registrations"] += 1
+                self.stats["registration.confirmed"] += 1
                 replies.append((req, protocol.encode_reply_ok(rid, interval)))
         self._rearm.set()
         self._outbox_wake.set()
@@ -919,20 +1026,43 @@ class Orchestrator:
         self._request_counts[rid] = (start, count + 1)
         return None
 
-    async def _reply(self, req: _Request, payload: bytes) -> None:
+    async def _send_replies(self, replies: list[tuple[_Request, bytes]]) -> None:
+        """Publish each reply on its runtime's reply topic (and Response Topic, if it gave one), at QoS 0.
+
+        QoS 0, because a reply matters only to an agent connected now, and an
+        agent re-sends its request until it has one; QoS 1 would cost a
+        round trip per 20 replies (Mosquitto's in-flight window), 10 s for a
+        fleet of 100,000 registering at once. On the lean connection where
+        there is one; Response Topics need properties, so they take the
+        general client.
+        """
         client = self._client
         if client is None:
             return
+        plain = [(self.topics.reply(r.runtime_id), p, False) for r, p in replies if protocol.is_valid_id(r.runtime_id)]
+        targeted = [
+            (req, payload)
+            for req, payload in replies
+            if req.response_topic is not None and self._may_reply_on(req.response_topic, req.runtime_id)
+        ]
         try:
-            if protocol.is_valid_id(req.runtime_id):
-                await client.publish(self.topics.reply(req.runtime_id), payload, qos=1)
-            if req.response_topic is not None and self._may_reply_on(req.response_topic, req.runtime_id):
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                if req.correlation is not None:
-                    props.CorrelationData = req.correlation
-                await client.publish(req.response_topic, payload, qos=1, properties=props)
-        except aiomqtt.MqttError as exc:
-            log.warning("could not reply to %s: %s", _shown(req.runtime_id), exc)
+            reader = self._pulse_reader
+            if reader is not None:
+                await reader.send(plain)
+            else:
+                await asyncio.gather(*(client.publish(topic, payload, qos=0) for topic, payload, _ in plain))
+            await asyncio.gather(*(self._reply_on_response_topic(client, req, payload) for req, payload in targeted))
+        except (aiomqtt.MqttError, PulseReaderError) as exc:
+            log.warning("could not send %d registration replies: %s", len(replies), exc)
+            return
+        self.stats["registration.replies"] += len(replies)
+
+    async def _reply_on_response_topic(self, client: aiomqtt.Client, req: _Request, payload: bytes) -> None:
+        assert req.response_topic is not None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if req.correlation is not None:
+            props.CorrelationData = req.correlation
+        await client.publish(req.response_topic, payload, qos=0, properties=props)
 
     # --- watcher -------------------------------------------------------------
 
@@ -1259,6 +1389,11 @@ class Orchestrator:
             "dropped": {k.removeprefix("dropped."): v for k, v in self.stats.items() if k.startswith("dropped.")},
             "alerts": self.stats["alerts"],
             "registrations": self.stats["registrations"],
+            "registration": {
+                what: self.stats[f"registration.{what}"]
+                for what in ("received", "confirmed", "rejected", "healed", "fetched", "replies")
+            },
+            "unregistered_pulses": self.stats["unregistered_pulses"],
             "db_transactions": self.store.transactions,
             "pending_writes": len(self._pending_flips),
             "refresh_pending": len(self._refresh),
@@ -1602,6 +1737,21 @@ def _response_to(properties: Properties | None) -> tuple[str | None, bytes | Non
     if not isinstance(topic, str) or not topic or len(topic) > 1024 or "+" in topic or "#" in topic:
         return None, None
     return topic, correlation if isinstance(correlation, bytes) else None
+
+
+def _connect_properties() -> Properties:
+    """MQTT 5 CONNECT properties of the general client: the largest Receive Maximum the protocol allows.
+
+    Mosquitto keeps at most ``max_inflight_messages`` (20) QoS 1 messages in
+    flight to a client without one, ``max_queued_messages`` (1,000) queued
+    behind, and silently drops the rest: 5,000 agents registering at once on
+    its defaults lost 2,742 registrations. This client still takes QoS 1
+    bursts: the retained registrations a fetch brings (orchestrator.healing),
+    and every interval request on a broker without the lean connection.
+    """
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.ReceiveMaximum = 65535
+    return props
 
 
 def _unsupported_version(exc: Exception) -> bool:

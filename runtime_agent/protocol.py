@@ -137,10 +137,14 @@ class Topics:
     def state_filter(self) -> str:
         return f"{self._runtimes}+/state"
 
+    @property
+    def interval_filter(self) -> str:
+        return f"{self._runtimes}+/interval"
+
     def subscriptions(self) -> list[tuple[str, int]]:
         """What the orchestrator subscribes to, with the QoS of each."""
         return [
-            (f"{self._runtimes}+/interval", 1),
+            (self.interval_filter, 1),
             (self.state_filter, 1),
             (self.pulse_filter, 0),
             (self.command, 1),

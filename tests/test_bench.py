@@ -29,6 +29,7 @@ KEYS = {
     "scaling": {"us_per_pulse", "growth"},
     "will_storm": {"all_dead_after_s"},
     "embedded": {"pulses_per_s", "baseline_per_s", "ratio"},
+    "registration": {"lost", "max_reply_s"},
 }
 
 

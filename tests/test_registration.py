@@ -1,0 +1,211 @@
+"""Registration at fleet scale: thousands of interval requests at once, none lost, none held back.
+
+Real processes: Mosquitto with its default limits (20 QoS 1 messages in
+flight and 1,000 queued per client, beyond which it drops them silently),
+the embedded broker, SQLite and PostgreSQL. The fleet is :mod:`bench.fleet`:
+retained QoS 1 requests over raw connections, and a listener that times
+every reply.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.fleet import ReplyListener, fleet_ids, registering
+from orchestrator.broker import free_port
+from runtime_agent import protocol
+
+from .harness import TOPICS, Deployment, Received, Runtime
+from .test_web import metric_samples
+
+pytestmark = pytest.mark.e2e
+
+_FLEET = 5_000
+_WITHIN = 10.0
+"""Seconds within which every request of a fleet starting at once must be answered (an agent's default wait)."""
+
+
+def _assert_a_fleet_is_confirmed(d: Deployment, n: int, *, v5: bool) -> None:
+    """``n`` runtimes send their requests at once: every one is answered ok within the wait, and stored."""
+    listener = ReplyListener(d.port, v5=v5)
+    ids = fleet_ids(n)
+    try:
+        with registering(d.port, ids, interval=30, grace=30):
+            missing = listener.wait(ids, _WITHIN)
+    finally:
+        listener.close()
+    assert not missing, f"{len(missing)} of {len(ids)} requests got no reply within {_WITHIN} s"
+    assert not listener.errors, f"refused: {list(listener.errors.items())[:5]}"
+    stored = {row["id"] for row in d.status_json()}
+    assert set(ids) <= stored, f"{len(set(ids) - stored)} confirmed registrations are not in the database"
+
+
+@pytest.fixture
+def quiet_mosquitto_deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """An orchestrator on the test's own Mosquitto (default limits), on SQLite or PostgreSQL, logging at INFO."""
+    db_url = request.getfixturevalue(request.param)
+    with Deployment.running("mosquitto", tmp_path, db_url, "--log-level", "INFO") as d:
+        yield d
+
+
+@pytest.mark.parametrize("quiet_mosquitto_deployment", ["sqlite_url", "pg_url"], indirect=True)
+def test_a_fleet_registering_at_once_on_mosquitto_is_confirmed_within_its_wait(
+    quiet_mosquitto_deployment: Deployment,
+) -> None:
+    _assert_a_fleet_is_confirmed(quiet_mosquitto_deployment, _FLEET, v5=True)
+
+
+def test_a_fleet_registering_at_once_on_the_embedded_broker_is_confirmed_within_its_wait(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    with Deployment.running("embedded", tmp_path, sqlite_url, "--log-level", "INFO") as d:
+        _assert_a_fleet_is_confirmed(d, 2_000, v5=False)
+
+
+# --- self-healing ----------------------------------------------------------------------------
+
+
+def _site(tmp_path: Path, sqlite_url: str, settings: str) -> Deployment:
+    """An orchestrator on the test's own Mosquitto with these YAML settings, its stats every 0.2 s."""
+    config = tmp_path / "site.yaml"
+    config.write_text(f"stats_interval: 0.2\n{settings}")
+    d = Deployment("mosquitto", tmp_path, sqlite_url)
+    try:
+        d.start_orchestrator("--config", str(config))
+    except BaseException:
+        d.close()
+        raise
+    return d
+
+
+def _reply(d: Deployment, runtime_id: str, after: float) -> Received:
+    return d.observer.wait_for(lambda m: m.topic == TOPICS.reply(runtime_id), 10, after=after)
+
+
+def _metrics(http_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
+        return metric_samples(response.read().decode())
+
+
+@pytest.fixture
+def healed_runtime(tmp_path: Path, sqlite_url: str) -> Iterator[tuple[Deployment, Runtime, int]]:
+    """``heal-1`` was refused (the site was full) and its retained request sits on the broker; then room was made.
+
+    Nothing sends the orchestrator that request again: only its pulses can get it registered.
+    """
+    http_port = free_port()
+    d = _site(tmp_path, sqlite_url, f"max_runtimes: 1\nhttp: 127.0.0.1:{http_port}\n")
+    try:
+        first, healing = d.runtime("first"), d.runtime("heal-1")
+        started = time.monotonic()
+        first.register(1, 1)
+        assert json.loads(_reply(d, "first", started).payload)["ok"] is True
+        healing.register(1, 1)  # retained, as agents publish it
+        assert json.loads(_reply(d, "heal-1", started).payload)["ok"] is False
+        first.publish(TOPICS.interval("first"), b"", retain=True)  # deregistered: there is room now
+        d.observer.wait_for(lambda m: m.topic == TOPICS.reply("first") and b"deregistered" in m.payload, 10)
+        yield d, healing, http_port
+    finally:
+        d.close()
+
+
+def test_a_runtime_whose_registration_was_missed_is_registered_when_it_pulses(
+    healed_runtime: tuple[Deployment, Runtime, int],
+) -> None:
+    d, healing, _ = healed_runtime
+    for _ in range(3):
+        healing.pulse()
+    d.observer.wait_status("heal-1", "unknown", 10)
+    healing.pulse()
+    d.observer.wait_status("heal-1", "alive", 10)
+
+
+def test_a_healed_runtime_is_told_it_is_registered(healed_runtime: tuple[Deployment, Runtime, int]) -> None:
+    """Its retained request got it registered: a reply now spares it waiting for its next re-send."""
+    d, healing, _ = healed_runtime
+    pulsed = time.monotonic()
+    healing.pulse()
+    assert json.loads(_reply(d, "heal-1", pulsed).payload)["ok"] is True
+
+
+def test_a_healed_runtime_is_watched_like_any_other(healed_runtime: tuple[Deployment, Runtime, int]) -> None:
+    d, healing, _ = healed_runtime
+    healing.pulse()
+    d.observer.wait_status("heal-1", "unknown", 10)
+    healing.pulse()
+    alive = d.observer.wait_status("heal-1", "alive", 10)
+    d.observer.wait_alert("heal-1", "dead", 10, after=alive.at)  # silent from here on: interval 1 + grace 1
+
+
+def test_healing_is_counted_in_metrics_and_stats(healed_runtime: tuple[Deployment, Runtime, int]) -> None:
+    d, healing, http_port = healed_runtime
+    healing.pulse()
+    d.observer.wait_status("heal-1", "unknown", 10)
+    stats = d.observer.wait_for(
+        lambda m: m.topic == TOPICS.orchestrator_stats and m.json()["registration"]["healed"] == 1, 10
+    ).json()
+    assert stats["registration"]["rejected"] == 1
+    assert stats["unregistered_pulses"] >= 1
+    samples = _metrics(http_port)
+    outcome = {
+        name: samples[("heartbeat_registrations_total", (("outcome", name),))]
+        for name in ("received", "confirmed", "rejected", "healed")
+    }
+    assert outcome == {"received": 4, "confirmed": 3, "rejected": 1, "healed": 1}
+    assert samples[("heartbeat_registration_fetches_total", ())] == 1
+    assert samples[("heartbeat_unregistered_pulses_total", ())] >= 1
+
+
+def test_a_pulse_from_an_id_with_no_registration_anywhere_is_counted_not_registered(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    d = _site(tmp_path, sqlite_url, "")
+    try:
+        d.runtime("stray-1").pulse()
+        stats = d.observer.wait_for(
+            lambda m: m.topic == TOPICS.orchestrator_stats and m.json()["registration"]["fetched"] >= 1, 10
+        ).json()
+        assert stats["unregistered_pulses"] >= 1
+        assert stats["registration"]["healed"] == 0
+        assert "stray-1" not in {row["id"] for row in d.status_json()}
+    finally:
+        d.close()
+
+
+def test_an_interval_request_with_a_response_topic_is_answered_there_with_its_correlation(
+    mosquitto_deployment: Deployment,
+) -> None:
+    """Requests come on the lean connection (MQTT 5): the reply still carries the request's Correlation Data."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    response_topic = f"{protocol.DEFAULT_PREFIX}/replies/rr-1"
+    answers: list[mqtt.MQTTMessage] = []
+    answered, subscribed = threading.Event(), threading.Event()
+    requester = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rr-requester", protocol=mqtt.MQTTv5)
+    requester.on_message = lambda client, userdata, message: (answers.append(message), answered.set())
+    requester.on_subscribe = lambda *args: subscribed.set()
+    requester.connect("127.0.0.1", mosquitto_deployment.port)
+    requester.loop_start()
+    try:
+        requester.subscribe(response_topic, qos=1)
+        assert subscribed.wait(10)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = response_topic
+        props.CorrelationData = b"corr-7"
+        requester.publish(TOPICS.interval("rr-1"), protocol.encode_interval(5), qos=1, properties=props)
+        assert answered.wait(10)
+    finally:
+        requester.loop_stop()
+        requester.disconnect()
+    assert json.loads(answers[0].payload)["ok"] is True
+    assert answers[0].properties.CorrelationData == b"corr-7"

@@ -90,11 +90,15 @@ class RegistrationHealer:
     def registered(self, runtime_id: str, now: float) -> bool:
         """A runtime was registered from a retained request: True (and counted) if our fetch brought it."""
         self._wanted.pop(runtime_id, None)
-        until = self._fetching.pop(runtime_id, None)
-        if until is None or now > until:
+        if not self.claim(runtime_id, now):
             return False
         self.healed += 1
         return True
+
+    def claim(self, runtime_id: str, now: float) -> bool:
+        """Whether a retained request of this runtime is the copy our fetch brought (asked once per fetch)."""
+        until = self._fetching.pop(runtime_id, None)
+        return until is not None and now <= until
 
     def tally(self) -> Tally | None:
         """The pulses from unregistered runtimes since the last call (None if there were none); starts a new period."""

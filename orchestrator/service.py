@@ -918,6 +918,8 @@ class Orchestrator:
                     log.exception("unexpected error decoding an interval request")  # a codec bug: one request lost
                     raise ProtocolError("malformed", "the request could not be decoded") from exc
             except ProtocolError as exc:
+                if self._refetched(req):
+                    continue
                 self._reject(exc.reason, req.runtime_id, f"interval request: {exc}")
                 self.stats["registration.rejected"] += 1
                 if not req.retained:
@@ -929,6 +931,8 @@ class Orchestrator:
                     continue  # the re-delivered copy of what the database already has
             refusal = self._over_limit(req, interval, new_in_batch)
             if refusal is not None:
+                if self._refetched(req):
+                    continue
                 reason, error = refusal
                 self._reject(reason, req.runtime_id, f"interval request: {error}")
                 self.stats["registration.rejected"] += 1
@@ -985,6 +989,18 @@ class Orchestrator:
                 replies.append((req, protocol.encode_reply_ok(rid, interval)))
         self._rearm.set()
         self._outbox_wake.set()
+
+    def _refetched(self, req: _Request) -> bool:
+        """A refused request that is the copy a fetch brought back: counted apart, not as a second rejection.
+
+        The broker keeps a refused retained request, and the runtime's pulses
+        make us fetch it again (once a minute at most): it was counted and
+        logged when it came, and every fetch would count it once more.
+        """
+        if not (req.retained and self.healer.claim(req.runtime_id, time.monotonic())):
+            return False
+        self.stats["registration.fetched_refused"] += 1
+        return True
 
     def _may_reply_on(self, topic: str, runtime_id: str) -> bool:
         """A Response Topic must not aim our rights elsewhere: outside our prefix, under
@@ -1391,7 +1407,7 @@ class Orchestrator:
             "registrations": self.stats["registrations"],
             "registration": {
                 what: self.stats[f"registration.{what}"]
-                for what in ("received", "confirmed", "rejected", "healed", "fetched", "replies")
+                for what in ("received", "confirmed", "rejected", "healed", "fetched", "fetched_refused", "replies")
             },
             "unregistered_pulses": self.stats["unregistered_pulses"],
             "db_transactions": self.store.transactions,

@@ -84,3 +84,11 @@ def test_tally_keeps_a_bounded_number_of_ids() -> None:
     tally = healer.tally()
     assert tally is not None
     assert (tally.pulses, tally.runtimes, len(tally.examples)) == (1_000, 10, 5)
+
+
+def test_a_fetched_copy_is_claimed_once(healer: RegistrationHealer) -> None:
+    healer.unregistered_pulse("rt-1", now=0.0)
+    healer.take(now=1.0)
+    assert healer.claim("rt-1", now=2.0) is True
+    assert healer.claim("rt-1", now=2.5) is False
+    assert healer.healed == 0

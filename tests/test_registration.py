@@ -179,6 +179,22 @@ def test_a_pulse_from_an_id_with_no_registration_anywhere_is_counted_not_registe
         d.close()
 
 
+def test_a_refused_retained_request_fetched_again_is_not_counted_twice(tmp_path: Path, sqlite_url: str) -> None:
+    """The broker keeps a refused retained request; the runtime's pulses fetch it again, and it is refused again."""
+    d = _site(tmp_path, sqlite_url, "")
+    try:
+        bad = d.runtime("bad-1")
+        bad.publish(TOPICS.interval("bad-1"), b'{"interval": "often"}', retain=True)
+        bad.pulse()
+        stats = d.observer.wait_for(
+            lambda m: m.topic == TOPICS.orchestrator_stats and m.json()["registration"]["fetched_refused"] == 1, 10
+        ).json()
+        assert stats["rejected"].get("bad_value", 0) + stats["rejected"].get("bad_type", 0) == 1
+        assert stats["registration"]["rejected"] == 1
+    finally:
+        d.close()
+
+
 def test_an_interval_request_with_a_response_topic_is_answered_there_with_its_correlation(
     mosquitto_deployment: Deployment,
 ) -> None:

@@ -81,7 +81,7 @@ _CLEAR_ECHO = 30.0
 _HEAL_GATHER = 0.2
 """Seconds the fetcher waits after the first unregistered pulse, so a burst of them makes one SUBSCRIBE."""
 _HEAL_HOLD = 1.0
-"""Seconds a fetch's subscriptions stay, for the retained copies (amqtt sends them from a task of its own)."""
+"""Seconds a fetch's connection waits for the retained copies (amqtt sends them from a task of its own)."""
 _TALLY_PERIOD = 60.0
 """Pulses from unregistered runtimes are logged as one line per this many seconds."""
 
@@ -420,7 +420,8 @@ class Orchestrator:
         """The broker URL without its password, for logs."""
         return "" if self.broker_url is None else parse_broker_url(self.broker_url).url
 
-    def _connect(self) -> aiomqtt.Client:
+    def _connect(self, *, fetcher: bool = False) -> aiomqtt.Client:
+        """The general client; with ``fetcher``, a short-lived one of its own (no will) for retained fetches."""
         assert self.broker_url is not None
         address = self.config.broker_address(self.broker_url)
         tls = (
@@ -435,9 +436,11 @@ class Orchestrator:
             address.port,
             username=address.username,
             password=address.password,
-            identifier=self.config.client_id,
+            identifier=f"{self.config.client_id}-fetch" if fetcher else self.config.client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if self._mqtt5 else aiomqtt.ProtocolVersion.V311,
-            will=aiomqtt.Will(self.topics.orchestrator_state, protocol.encode_state("offline"), qos=1, retain=True),
+            will=None
+            if fetcher
+            else aiomqtt.Will(self.topics.orchestrator_state, protocol.encode_state("offline"), qos=1, retain=True),
             keepalive=self.config.keepalive,
             tls_params=tls,
             max_inflight_messages=1000,
@@ -879,15 +882,26 @@ class Orchestrator:
             if not ids:
                 continue
             self.stats["registration.fetched"] += len(ids)
-            topics = [self.topics.interval(rid) for rid in ids]
             try:
-                await client.subscribe([(topic, 1) for topic in topics])
-                await asyncio.sleep(_HEAL_HOLD)
-                await client.unsubscribe(topics)
+                await self._fetch_retained([self.topics.interval(rid) for rid in ids])
             except aiomqtt.MqttError as exc:
                 log.warning("could not fetch %d retained registrations: %s", len(ids), exc)
             if len(self.healer):
                 self._heal_wake.set()
+
+    async def _fetch_retained(self, topics: list[str]) -> None:
+        """Subscribe to ``topics`` on a connection of its own, for a moment, and take the retained copies it gets.
+
+        Not on the general client: there a live request arriving meanwhile
+        would come twice (its subscription and ours), and be counted twice.
+        """
+        async with self._connect(fetcher=True) as fetcher:
+            await fetcher.subscribe([(topic, 1) for topic in topics])
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_HEAL_HOLD):
+                    async for message in fetcher.messages:
+                        if message.retain:  # a live message also reaches the general path: not twice
+                            self._receive(message.topic.value, message.payload, True, message.properties)
 
     def _log_tally(self) -> None:
         tally = self.healer.tally()

@@ -932,12 +932,7 @@ class Orchestrator:
                     log.exception("unexpected error decoding an interval request")  # a codec bug: one request lost
                     raise ProtocolError("malformed", "the request could not be decoded") from exc
             except ProtocolError as exc:
-                if self._refetched(req):
-                    continue
-                self._reject(exc.reason, req.runtime_id, f"interval request: {exc}")
-                self.stats["registration.rejected"] += 1
-                if not req.retained:
-                    replies.append((req, protocol.encode_reply_error(_shown_id(req.runtime_id), str(exc))))
+                self._refuse(req, exc.reason, str(exc), replies)
                 continue
             if req.retained and interval is not None and req.runtime_id in self.detector:
                 view = self.detector.view(req.runtime_id)
@@ -945,13 +940,7 @@ class Orchestrator:
                     continue  # the re-delivered copy of what the database already has
             refusal = self._over_limit(req, interval, new_in_batch)
             if refusal is not None:
-                if self._refetched(req):
-                    continue
-                reason, error = refusal
-                self._reject(reason, req.runtime_id, f"interval request: {error}")
-                self.stats["registration.rejected"] += 1
-                if not req.retained:
-                    replies.append((req, protocol.encode_reply_error(req.runtime_id, error)))
+                self._refuse(req, *refusal, replies)
                 continue
             if interval is not None and req.runtime_id not in self.detector:
                 new_in_batch.add(req.runtime_id)
@@ -974,6 +963,21 @@ class Orchestrator:
                     error = "the orchestrator's database is unavailable; try again"
                     replies.append((req, protocol.encode_reply_error(req.runtime_id, error)))
             return
+        self._apply_registrations(accepted, replies)
+
+    def _refuse(self, req: _Request, reason: str, error: str, replies: list[tuple[_Request, bytes]]) -> None:
+        """Count and log a refused request, and answer it if it was live."""
+        if self._refetched(req):
+            return
+        self._reject(reason, req.runtime_id, f"interval request: {error}")
+        self.stats["registration.rejected"] += 1
+        if not req.retained:
+            replies.append((req, protocol.encode_reply_error(_shown_id(req.runtime_id), error)))
+
+    def _apply_registrations(
+        self, accepted: list[tuple[_Request, protocol.IntervalRequest | None]], replies: list[tuple[_Request, bytes]]
+    ) -> None:
+        """Put stored registrations (None: a removal) into the detector; the replies they owe go to ``replies``."""
         now = time.monotonic()
         for req, interval in accepted:
             rid = req.runtime_id

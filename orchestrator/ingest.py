@@ -329,6 +329,13 @@ class PulseReader:
         self._pinger = asyncio.create_task(self._ping())
         return self
 
+    def _open(self) -> tuple[_Protocol, asyncio.Transport]:
+        """The live connection's protocol and transport; raises :class:`PulseReaderError` if it is closed."""
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
+            raise PulseReaderError("the pulse connection is closed")
+        return protocol, protocol.transport
+
     async def publish(self, messages: Iterable[Message], *, burst: int = _BURST) -> int:
         """Publish every ``(topic, payload, retain)`` at QoS 1; return once the broker acknowledged all.
 
@@ -340,10 +347,7 @@ class PulseReader:
         :class:`PulseReaderError` if the connection breaks first: the caller
         then still owns every message of the call.
         """
-        protocol = self._protocol
-        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
-            raise PulseReaderError("the pulse connection is closed")
-        transport = protocol.transport
+        protocol, transport = self._open()
         loop = asyncio.get_running_loop()
         batch = _Batch(loop.create_future())
         inflight = protocol.inflight
@@ -389,10 +393,7 @@ class PulseReader:
         window applies (Mosquitto's is 20 for QoS 1). Raises
         :class:`PulseReaderError` if the connection is or becomes closed.
         """
-        protocol = self._protocol
-        if protocol is None or protocol.transport is None or protocol.transport.is_closing():
-            raise PulseReaderError("the pulse connection is closed")
-        transport = protocol.transport
+        _, transport = self._open()
         encode = mqtt5.PublishPacket
         chunk: list[bytes] = []
         for topic, payload, retain in messages:

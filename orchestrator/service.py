@@ -609,19 +609,39 @@ class Orchestrator:
         async for message in client.messages:
             self._receive(message.topic.value, message.payload, message.retain, message.properties)
 
-    def _receive(self, topic: str, payload: Any, retained: bool, properties: Properties | None = None) -> None:
+    def _receive(
+        self,
+        topic: str,
+        payload: Any,
+        retained: bool,
+        properties: Properties | None = None,
+        *,
+        response: tuple[str | None, bytes | None] | None = None,
+    ) -> None:
         """Any message but a lean-path pulse, from either connection; one bad message never stops a stream."""
         try:
             if topic == self._echo_topic:
                 self._on_echo(bytes(payload))
             else:
-                self.handle(topic, payload, retained, properties)
+                self.handle(topic, payload, retained, properties, response=response)
         except Exception:
             self.stats["errors"] += 1
             log.exception("unexpected error handling a message on %r", topic[:200])
 
-    def handle(self, topic: str, payload: Any, retained: bool, properties: Properties | None = None) -> None:
-        """Route one message. Pulses are decoded only when non-empty."""
+    def handle(
+        self,
+        topic: str,
+        payload: Any,
+        retained: bool,
+        properties: Properties | None = None,
+        *,
+        response: tuple[str | None, bytes | None] | None = None,
+    ) -> None:
+        """Route one message. Pulses are decoded only when non-empty.
+
+        ``response`` is the MQTT 5 ``(Response Topic, Correlation Data)`` when the
+        lean reader already has them, instead of paho's ``properties``.
+        """
         parsed = self.topics.parse(topic)
         if parsed is None:
             if topic == self.topics.command:
@@ -649,7 +669,7 @@ class Orchestrator:
                     transition = self.detector.stopped(runtime_id, now, message.session)
                 self.stats["state_messages"] += 1
             elif kind == "interval":
-                response_topic, correlation = _response_to(properties)
+                response_topic, correlation = response or _response_to(properties)
                 self._requests.put_nowait(_Request(runtime_id, bytes(payload), retained, response_topic, correlation))
                 return
             else:
@@ -735,14 +755,9 @@ class Orchestrator:
             self._receive(topic, payload, retained)
 
     def _on_lean_request(self, packet: mqtt5.PublishPacket, now: float) -> None:
-        """A message from the lean reader with an MQTT 5 Response Topic (an interval request), with its properties."""
-        properties = None
-        if packet.response_topic is not None:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.ResponseTopic = packet.response_topic
-            if packet.correlation_data is not None:
-                properties.CorrelationData = packet.correlation_data
-        self._receive(packet.topic, packet.payload, packet.retain, properties)
+        """A message from the lean reader with an MQTT 5 Response Topic (an interval request)."""
+        response = (packet.response_topic, packet.correlation_data)
+        self._receive(packet.topic, packet.payload, packet.retain, response=response)
 
     # --- echo: proving the link before a verdict -----------------------------
 
@@ -873,8 +888,7 @@ class Orchestrator:
                 continue
             self._heal_wake.clear()
             await asyncio.sleep(_HEAL_GATHER)
-            client = self._client
-            if client is None:  # cut off from the broker: try again once connected
+            if self._client is None:  # cut off from the broker: try again once connected
                 await asyncio.sleep(_HEAL_HOLD)
                 self._heal_wake.set()
                 continue

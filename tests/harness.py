@@ -24,6 +24,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from orchestrator.broker import free_port, wait_for_port
 from runtime_agent import protocol
@@ -158,7 +160,14 @@ class Observer:
         self._client.on_message = self._on_message
         self._client.reconnect_delay_set(0.1, 0.5)
         self._connected = threading.Event()
-        self._client.connect_async("127.0.0.1", port, keepalive=30)
+        properties = None
+        if mqtt5:
+            # Mosquitto keeps 20 QoS 1 messages in flight and 1,000 queued per client and drops the rest
+            # silently; an observer starved of CPU then missed status documents. A large Receive
+            # Maximum puts every one in flight (65,534: the codec omits 65,535, which Mosquitto reads as 20).
+            properties = Properties(PacketTypes.CONNECT)
+            properties.ReceiveMaximum = 65534
+        self._client.connect_async("127.0.0.1", port, keepalive=30, properties=properties)
         self._client.loop_start()
         if not self._connected.wait(15):
             raise TimeoutError("observer could not connect")
@@ -409,7 +418,7 @@ class Deployment:
     @property
     def observer(self) -> Observer:
         if self._observer is None:
-            self._observer = Observer(self.port)
+            self._observer = Observer(self.port, mqtt5=self.mqtt5)
         return self._observer
 
     def agent(

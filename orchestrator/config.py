@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from runtime_agent.protocol import DEFAULT_PREFIX, Topics
-from runtime_agent.url import BrokerAddress, check_tls_files, parse_broker_url, with_env_password
+from runtime_agent.url import BrokerAddress, check_tls_files, parse_broker_url, redact_url, with_env_password
 
 from .notify import EVENTS
 
@@ -130,7 +130,7 @@ class Config:
     reminder_interval: float | None = None
     """Seconds between ``reminder`` notices while a runtime stays dead; None: no reminders."""
     notify_retries: int = 4
-    """Retries per notice and channel after a failed attempt (exponential backoff, 1 s to 60 s)."""
+    """Retries per notice and channel after a failed attempt (jittered exponential backoff, 0.5 s to 60 s)."""
 
     def __post_init__(self) -> None:
         if self.broker is not None:
@@ -148,7 +148,7 @@ class Config:
         if self.http is not None:
             _host_port("http", self.http)
         if not self.db.startswith(("sqlite:///", "postgres://", "postgresql://")):
-            raise ConfigError(f"db: expected sqlite:///PATH or postgresql://..., got {self.db!r}")
+            raise ConfigError(f"db: expected sqlite:///PATH or postgresql://..., got {redact_url(self.db)!r}")
         try:
             Topics(self.prefix)
         except ValueError as exc:
@@ -211,7 +211,7 @@ class Config:
         return with_env_password(parse_broker_url(url))
 
     def ssl_context(self) -> ssl.SSLContext:
-        """The TLS settings of ``mqtts://`` as an SSLContext, for the pulse reader (the general client takes paths)."""
+        """``mqtts://`` TLS settings as an SSLContext, for the lean connection (the general client takes paths)."""
         context = ssl.create_default_context(cafile=self.tls_ca)
         if self.tls_cert is not None:
             context.load_cert_chain(self.tls_cert, self.tls_key)

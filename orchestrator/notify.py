@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlsplit
 
 from runtime_agent.protocol import iso
+from runtime_agent.url import redact_url
 
 if TYPE_CHECKING:
     import aiohttp
@@ -151,12 +152,6 @@ class Notifier(Protocol):
     async def notify(self, notice: Notice) -> None: ...
 
 
-def _redacted(url: str) -> str:
-    """``scheme://host`` only: webhook paths and apprise URLs often carry tokens."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-
-
 # --- webhook ----------------------------------------------------------------------
 
 
@@ -179,11 +174,11 @@ class WebhookNotifier:
         name: str | None = None,
     ) -> None:
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-            raise ValueError(f"webhook URL must be http(s)://HOST/..., got {_redacted(url)!r}")
+            raise ValueError(f"webhook URL must be http(s)://HOST/..., got {redact_url(url)!r}")
         self.url = url
         self.timeout = timeout
         self.headers = {"User-Agent": "heartbeat-orchestrator", **(headers or {})}
-        self.name = name or f"webhook {_redacted(url)}"
+        self.name = name or f"webhook {redact_url(url)}"
         self._session: aiohttp.ClientSession | None = None
 
     async def notify(self, notice: Notice) -> None:

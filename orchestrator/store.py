@@ -22,6 +22,7 @@ from playhouse import db_url
 from playhouse.migrate import SchemaMigrator, migrate
 
 from runtime_agent.protocol import status_dict
+from runtime_agent.url import redact_url
 
 log = logging.getLogger("orchestrator.store")
 
@@ -159,7 +160,7 @@ def open_database(url: str) -> peewee.Database:
     else:
         db = db_url.connect(url)
     if not isinstance(db, peewee.SqliteDatabase | peewee.PostgresqlDatabase):
-        raise ValueError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://...")
+        raise ValueError(f"unsupported database URL {redact_url(url)!r}: use sqlite:///PATH or postgresql://...")
     return db
 
 
@@ -550,12 +551,3 @@ def database_error(what: str, url: str, exc: Exception) -> str:
     """``"{what} {url}: {error}"`` with the password out of both the URL and the driver's message."""
     shown = redact_url(url)
     return f"{what} {shown}: {str(exc).replace(url, shown)}"
-
-
-def redact_url(url: str) -> str:
-    """A database URL without its password, for logs and error messages."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at or ":" not in creds:
-        return url
-    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"

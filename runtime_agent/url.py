@@ -1,13 +1,16 @@
-"""Broker URLs: ``mqtt://[user:pass@]host[:port]`` and ``mqtts://...``.
+"""Broker URLs: ``mqtt://[user:pass@]host[:port]`` and ``mqtts://...``; and :func:`redact_url` for any URL.
 
 One parser for the agent and the orchestrator, so both accept exactly the
-same spelling and report mistakes the same way.
+same spelling and report mistakes the same way. Here too (the agent must not
+import the orchestrator, the orchestrator may import this) is the one
+function that decides what of a URL a log line or an error may show.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,23 +53,25 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ValueError(f"empty broker URL: {expected}")
     if "://" not in url:
         raise ValueError(
-            f"invalid broker URL {_redact(url)!r}: missing scheme, did you mean {_redact('mqtt://' + url)!r}?"
+            f"invalid broker URL {redact_url(url)!r}: missing scheme, did you mean {redact_url('mqtt://' + url)!r}?"
         )
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
-        raise ValueError(f"invalid broker URL {_redact(url)!r} ({exc}): {expected}") from None
+        # "Port could not be cast to integer value as 'x'": x may be a password holding a bare "/".
+        reason = str(exc).partition(" as ")[0]
+        raise ValueError(f"invalid broker URL {redact_url(url)!r} ({reason}): {expected}") from None
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS or not parts.netloc:
-        raise ValueError(f"invalid broker URL {_redact(url)!r}: {expected}")
+        raise ValueError(f"invalid broker URL {redact_url(url)!r}: {expected}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"invalid broker URL {_redact(url)!r}: no path, query or fragment allowed; {expected}")
+        raise ValueError(f"invalid broker URL {redact_url(url)!r}: no path, query or fragment allowed; {expected}")
     host = parts.hostname
     if not host:
-        raise ValueError(f"invalid broker URL {_redact(url)!r}: missing host; {expected}")
+        raise ValueError(f"invalid broker URL {redact_url(url)!r}: missing host; {expected}")
     if port == 0:
-        raise ValueError(f"invalid broker URL {_redact(url)!r}: port must be 1-65535")
+        raise ValueError(f"invalid broker URL {redact_url(url)!r}: port must be 1-65535")
     username = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None
     return BrokerAddress(
@@ -107,12 +112,43 @@ def check_tls_files(address: BrokerAddress, ca: str | None, cert: str | None, ke
             raise ValueError(f"{name}: no such file: {value}")
 
 
-def _redact(url: str) -> str:
-    """The URL with any password replaced, so error messages can quote it."""
+PLAIN_SCHEMES: Final = frozenset(
+    {"mqtt", "mqtts", "sqlite", "sqliteext", "apsw", "postgres", "postgresql", "postgresext", "postgresqlext"}
+    | {"mysql", "mysqldb", "cockroachdb"}
+)
+"""Broker and database schemes (peewee's too, ``+pool`` aside): nothing but the password is secret in them."""
+
+_SECRET_PARAMETER: Final = re.compile(r"([?&;][^=&#;]*(?:pass|pwd|secret|token|key)[^=&#;]*=)[^&#;]*", re.IGNORECASE)
+_HOST_PORT: Final = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[\w.~%-]+)(?::\d*)?")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with nothing secret left in it, for logs and error messages; never raises.
+
+    - Broker and database URLs (:data:`PLAIN_SCHEMES`), or text without a
+      scheme (a broker URL missing it): only passwords go, as ``user:***@``
+      or ``?password=***``; host, port, database and file are what a reader needs.
+    - Any other scheme (webhooks, apprise): ``scheme://host[:port]`` only,
+      since the path or query of such a URL is often the token itself
+      (Slack, Discord, Telegram...); a host part that does not read as a
+      host (``tgram://123:SECRET/...``) is hidden too.
+
+    Both keep a password whose ``@`` or ``/`` was not percent-encoded out:
+    user information ends at the *last* ``@``.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url
-    userinfo, at, hostpart = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"
+        return _without_passwords(url)
+    if scheme.lower().partition("+")[0] in PLAIN_SCHEMES:
+        return f"{scheme}://{_without_passwords(rest)}"
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[2]
+    shown = authority.lower().removesuffix(":") if _HOST_PORT.fullmatch(authority) else "***"
+    return f"{scheme.lower()}://{shown}"
+
+
+def _without_passwords(rest: str) -> str:
+    """``user:pass@host...`` with the password, and the values of password-like query parameters, as ``***``."""
+    userinfo, at, after = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.partition(':')[0]}:***@{after}"
+    return _SECRET_PARAMETER.sub(r"\1***", rest)

@@ -168,6 +168,11 @@ def test_webhook_name_hides_the_path_that_may_hold_a_token(receiver: HttpReceive
     assert "127.0.0.1" in channel.name
 
 
+def test_webhook_url_error_hides_the_path_that_may_hold_a_token() -> None:
+    with pytest.raises(ValueError, match=r"got 'ftp://files\.example\.com'$"):
+        WebhookNotifier("ftp://files.example.com/hook/T0KEN")
+
+
 def test_webhook_server_error_is_retryable(receiver: HttpReceiver) -> None:
     receiver.statuses.append(503)
     with pytest.raises(NotifyError, match="HTTP 503") as raised:

@@ -353,6 +353,17 @@ def test_sqlite_database_file_is_in_wal_mode(tmp_path: Path) -> None:
         assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+def test_database_errors_never_show_the_password() -> None:
+    """The URL and the driver's message both go through runtime_agent.url.redact_url (its cases: test_url)."""
+    url = "postgresql://hb:s3cret@127.0.0.1:5432/heartbeat"
+    shown = "postgresql://hb:***@127.0.0.1:5432/heartbeat"
+    message = store_module.database_error("cannot open the database", url, RuntimeError(f"cannot reach {url}"))
+    assert message == f"cannot open the database {shown}: cannot reach {shown}"
+    with pytest.raises(ValueError, match="unsupported database URL") as raised:
+        store_module.open_database("mysql://hb:s3cret@127.0.0.1:9/heartbeat")
+    assert "s3cret" not in str(raised.value)
+
+
 # --- compare-and-set ----------------------------------------------------------------
 
 

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from runtime_agent.backoff import backoff_delays
+
 log = logging.getLogger("orchestrator.broker")
 
 
@@ -131,8 +133,13 @@ class EmbeddedBroker:
         return process
 
     async def _supervise(self) -> None:
-        """Start the broker again if its process dies (the orchestrator reconnects and republishes)."""
-        backoff = 0.5
+        """Start the broker again if its process dies (the orchestrator reconnects and republishes).
+
+        Failed starts are retried with the jittered backoff of every retry
+        loop (:func:`runtime_agent.backoff.backoff_delays`), afresh after each
+        successful start.
+        """
+        delays = backoff_delays(_RESTART_FIRST, _RESTART_MAX)
         while True:
             process = self._process
             if process is not None:
@@ -141,11 +148,16 @@ class EmbeddedBroker:
                 self._process = None
             try:
                 self._process = await self._start()
-                backoff = 0.5
+                delays = backoff_delays(_RESTART_FIRST, _RESTART_MAX)
             except BrokerStartError as exc:
-                log.error("%s; retrying in %g s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                delay = next(delays)
+                log.error("%s; retrying in %.3g s", exc, delay)
+                await asyncio.sleep(delay)
+
+
+# Seconds (before jitter) between attempts to start the embedded broker again: the first wait, and the cap.
+_RESTART_FIRST = 0.5
+_RESTART_MAX = 10.0
 
 
 _READY = "ready"

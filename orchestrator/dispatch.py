@@ -17,13 +17,15 @@ import fnmatch
 import heapq
 import logging
 import math
+import random
 import re
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+from runtime_agent.backoff import backoff_delays
 from runtime_agent.protocol import iso
 
 from .notify import EVENTS, Notice, Notifier, NotifyError, ShellNotifier, channel_from_url
@@ -60,22 +62,33 @@ class StormPolicy:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """``attempts`` tries per notice and channel, ``base * 2**n`` seconds apart, at most ``max``.
+    """``attempts`` tries per notice and channel, ``base * 2**n`` seconds apart (times 1 ± ``jitter``), at most ``max``.
 
-    ``attempt_timeout`` bounds one attempt even if a channel forgets to.
+    The jitter is that of every reconnect loop
+    (:func:`runtime_agent.backoff.backoff_delays`): when an endpoint that
+    several routes share goes down, their notices fail together and would
+    otherwise all retry at the same instants. ``rng`` is for tests (a seeded
+    ``random.Random().random``). ``attempt_timeout`` bounds one attempt even
+    if a channel forgets to.
     """
 
     attempts: int = 5
     base: float = 1.0
     max: float = 60.0
     attempt_timeout: float = 120.0
+    jitter: float = 0.5
+    rng: Callable[[], float] = field(default=random.random, repr=False, compare=False)
 
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        delay = self.base * 2.0 ** (attempt - 1)
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        return min(self.max, delay)
+    def __post_init__(self) -> None:
+        self.delays()  # bad numbers fail here, not at a lane's first retry
+
+    def delays(self) -> Iterator[float]:
+        """The waits after each failed attempt of one notice (a fresh sequence per notice), never above ``max``."""
+        return (min(delay, self.max) for delay in backoff_delays(self.base, self.max, jitter=self.jitter, rng=self.rng))
+
+    def wait(self, delay: float, retry_after: float | None = None) -> float:
+        """``delay`` (from :meth:`delays`), or longer if the channel asked for it (``Retry-After``), up to ``max``."""
+        return delay if retry_after is None else max(delay, min(retry_after, self.max))
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +568,7 @@ class Dispatcher:
     async def _deliver(self, route: Route, notice: Notice) -> None:
         """Try up to ``retry.attempts`` times; log once when giving up."""
         attempts = self.retry.attempts
+        delays = self.retry.delays()
         for attempt in range(1, attempts + 1):
             try:
                 async with asyncio.timeout(self.retry.attempt_timeout):
@@ -575,7 +589,7 @@ class Dispatcher:
                 return
             self.stats[route.name, "retried"] += 1
             log.debug("%s: attempt %d failed, retrying: %s", route.name, attempt, error)
-            await asyncio.sleep(self.retry.delay(attempt, error.retry_after))
+            await asyncio.sleep(self.retry.wait(next(delays), error.retry_after))
 
 
 # --- from the configuration ----------------------------------------------------------

@@ -131,6 +131,8 @@ class Agent(AgentState):
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._reconnects = self._settings.reconnect_delays()
+        """paho's waits before each reconnect (see :meth:`_pace_reconnect`); a fresh sequence per connection."""
 
     # --- public API ----------------------------------------------------------
 
@@ -243,7 +245,7 @@ class Agent(AgentState):
         client.on_log = _log_paho
         # An exception escaping a callback would otherwise end paho's network thread.
         client.suppress_exceptions = True
-        # paho annotates the delays as int but computes and sleeps with them as floats.
+        # The bounds only; _pace_reconnect sets each wait (paho annotates int but sleeps floats).
         client.reconnect_delay_set(settings.reconnect_min, settings.reconnect_max)  # type: ignore[arg-type]
         address = settings.address
         if address.username is not None:
@@ -262,10 +264,11 @@ class Agent(AgentState):
         """Open the first connection, retrying refusals with backoff until the deadline.
 
         Done here rather than by paho's thread so the error (refused, DNS,
-        TLS) can be reported; later reconnects are left to paho.
+        TLS) can be reported; later reconnects are left to paho, paced by
+        :meth:`_pace_reconnect`.
         """
         settings = self._settings
-        delay = settings.reconnect_min
+        delays = settings.reconnect_delays()  # jittered: agents started together do not retry together
         # paho refuses to change this once a connection attempt was made, so set it once.
         client.connect_timeout = min(settings.timeout, 5.0)
         while True:
@@ -276,12 +279,26 @@ class Agent(AgentState):
                 return
             except OSError as exc:
                 error: OSError = exc
-            log.info("connecting to %s failed: %s; retrying in %g s", settings.url, error, delay)
+            delay = next(delays)
+            log.info("connecting to %s failed: %s; retrying in %.3g s", settings.url, error, delay)
             if time.monotonic() + delay >= deadline:
                 raise ConnectError(settings.connect_message(error)) from error
             if self._stopping.wait(delay):
                 raise HeartbeatError("the agent was stopped while starting")
-            delay = min(delay * 2, settings.reconnect_max)
+
+    def _pace_reconnect(self, client: mqtt.Client) -> float:
+        """Make paho's next wait before reconnecting the next delay of our jittered sequence; return it.
+
+        paho's own backoff doubles without jitter, so every agent a broker
+        restart dropped would reconnect at the same instants. paho has no hook
+        for the delay itself, but it calls on_disconnect (a lost or refused
+        connection) or on_connect_fail (a failed attempt) before each wait,
+        and a wait starts from the minimum set last: both call this.
+        """
+        with self._lock:
+            delay = next(self._reconnects)
+        client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+        return delay
 
     def _await_start(self, deadline: float) -> None:
         """Wait for a reply, a failure or the deadline; then end start() (see the class docstring)."""
@@ -406,6 +423,8 @@ class Agent(AgentState):
             log.error("%s; retrying with backoff", message)
             return
         self._connack_seen = True
+        with self._lock:
+            self._reconnects = settings.reconnect_delays()
         log.info("connected to %s (session %s)", settings.url, self._session)
         if self._stopping.is_set():
             return
@@ -475,12 +494,14 @@ class Agent(AgentState):
         if self._stopping.is_set():
             log.debug("disconnected from %s", self._settings.url)
         else:
+            delay = self._pace_reconnect(client)
             # MQTT 3.1.1 brokers send no reason: paho then reports "Unspecified error".
             why = "" if reason_code.value == 128 else f" ({reason_code})"
-            log.warning("connection to %s lost%s; reconnecting", self._settings.url, why)
+            log.warning("connection to %s lost%s; reconnecting in %.3g s", self._settings.url, why, delay)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        log.debug("reconnecting to %s failed; retrying with backoff", self._settings.url)
+        delay = self._pace_reconnect(client)
+        log.debug("reconnecting to %s failed; retrying in %.3g s", self._settings.url, delay)
 
     # --- re-sending the interval request ---------------------------------------
 

@@ -182,14 +182,14 @@ class AsyncAgent(AgentState):
     # --- the connection task -------------------------------------------------
 
     async def _run(self, requested: asyncio.Future[None], deadline: float) -> None:
-        """Connect, reconnect with backoff, and serve each connection until stop is requested.
+        """Connect, reconnect with jittered backoff, and serve each connection until stop is requested.
 
         ``requested`` is settled once the first interval request is out, or
         with the error that kept it from going out by ``deadline``.
         """
         settings = self._settings
         loop = asyncio.get_running_loop()
-        delay = settings.reconnect_min
+        delays = settings.reconnect_delays()  # jittered, so agents dropped together come back spread out
         outage = False  # a lost connection was reported: don't report each failed retry again
         try:
             while not self._stopping():
@@ -198,32 +198,32 @@ class AsyncAgent(AgentState):
                 client = self._make_client(session, deadline if first else None)
                 try:
                     async with client:
-                        delay = settings.reconnect_min
+                        delays = settings.reconnect_delays()
                         outage = False
                         await self._serve(client, session, requested)
                         return
                 except MqttConnectError as exc:
+                    delay = next(delays)
                     # A start fails at once only on a refusal that retrying cannot fix (credentials, ACL).
                     message = settings.refusal_message(exc)
                     if first and (reason_value(exc) in AUTH_REFUSALS or loop.time() + delay >= deadline):
                         _settle(requested, ConnectError(message))
                         return
-                    log.error("%s; retrying in %g s", message, delay)
+                    log.error("%s; retrying in %.3g s", message, delay)
                 except aiomqtt.MqttError as exc:
+                    delay = next(delays)
                     if first and loop.time() + delay >= deadline:
                         _settle(requested, ConnectError(settings.connect_message(_tls_error(exc))))
                         return
                     level = logging.INFO if first else logging.DEBUG if outage else logging.WARNING
-                    log.log(level, "connection to %s failed or lost: %s; retrying in %g s", settings.url, exc, delay)
+                    log.log(level, "connection to %s failed or lost: %s; retrying in %.3g s", settings.url, exc, delay)
                     outage = not first
                 finally:
                     self._connected = False
                     self._registered = False
                     self._notify()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wait_stop(), delay)
-                except TimeoutError:
-                    delay = min(delay * 2, settings.reconnect_max)
         except Exception as exc:
             if not _settle(requested, exc):
                 log.exception("the agent task of %s failed", settings.runtime_id)

@@ -1,4 +1,4 @@
-"""Jittered exponential backoff, one pure helper for every retry loop of the agent.
+"""Jittered exponential backoff, one pure helper for every retry loop of the agents and the orchestrator.
 
 Many agents usually start, lose their broker or wait for the orchestrator
 together. Delays that only double would make them retry in lockstep, so each

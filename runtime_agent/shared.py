@@ -126,6 +126,16 @@ class AgentSettings:
         """The broker URL without password, for messages."""
         return self.address.url
 
+    def reconnect_delays(self) -> Iterator[float]:
+        """Waits between connection attempts; take a fresh sequence after each successful connection.
+
+        ``reconnect_min`` doubling up to ``reconnect_max``, each times 0.5-1.5:
+        a broker restart drops every agent at once, and delays without jitter
+        would bring them all back at the same instants, a reconnect storm at
+        each step.
+        """
+        return backoff_delays(self.reconnect_min, self.reconnect_max)
+
     def resend_delays(self) -> Iterator[float]:
         """Delays between re-sends of an unanswered interval request, for one connection.
 

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import os
-import random
+import re
 import signal
 import subprocess
 import sys
@@ -216,6 +216,25 @@ NEVER = 1_000_000
 """``ignore`` for a fake orchestrator that answers no request."""
 
 
+def logged_delays(caplog: pytest.LogCaptureFixture, url: str) -> list[float]:
+    """The reconnect delays the agent on ``url`` logged (``... retrying in 0.123 s``), in order."""
+    delays = []
+    for record in list(caplog.records):  # a copy: the agents' threads may still be logging
+        message = record.getMessage()
+        found = re.search(r"(?:retrying|reconnecting) in (\S+) s$", message)
+        if found and f"{url} " in message:
+            delays.append(float(found[1]))
+    return delays
+
+
+def assert_jittered(delays: list[float], first: float, cap: float) -> None:
+    """Each delay is 0.5-1.5 times ``first`` doubling up to ``cap`` (logged to 3 digits), and not exactly that."""
+    bases = [min(first * 2**n, cap) for n in range(len(delays))]
+    for delay, base in zip(delays, bases, strict=True):
+        assert 0.5 * base - 0.001 <= delay <= 1.5 * base + 0.001, (delays, bases)
+    assert delays != bases
+
+
 def assert_backoff_gaps(requests: list[Seen]) -> None:
     """The gaps between requests double from LATE's 0.3 s, each times 0.5-1.5 (with 50-100 ms for delivery)."""
     gaps = [b.at - a.at for a, b in itertools.pairwise(requests)]
@@ -366,26 +385,6 @@ def test_default_client_id_fits_64_characters_and_keeps_long_ids_apart() -> None
     long_a, long_b = "a" * 120 + "x", "a" * 120 + "y"
     assert len(default_client_id(long_a)) == 64
     assert default_client_id(long_a) != default_client_id(long_b)
-
-
-def test_backoff_without_jitter_doubles_up_to_the_cap() -> None:
-    delays = backoff_delays(2.0, 60.0, jitter=0)
-    assert list(itertools.islice(delays, 8)) == [2, 4, 8, 16, 32, 60, 60, 60]
-
-
-def test_backoff_jitter_scales_each_delay_by_half_to_one_and_a_half() -> None:
-    bases = [0.2 * 2**n for n in range(5)] + [5.0] * 195
-    delays = itertools.islice(backoff_delays(0.2, 5.0, rng=random.Random(24).random), len(bases))
-    ratios = [delay / base for delay, base in zip(delays, bases, strict=True)]
-    assert all(0.5 <= ratio <= 1.5 for ratio in ratios), ratios
-    # the whole band is used: a fleet spreads out
-    assert min(ratios) < 0.6
-    assert max(ratios) > 1.4
-
-
-def test_backoff_rejects_a_cap_below_the_first_delay_at_the_call() -> None:
-    with pytest.raises(ValueError, match="cap"):
-        backoff_delays(2.0, 1.0)
 
 
 def test_default_resend_schedule_stays_far_below_the_orchestrators_rate_limit() -> None:
@@ -590,6 +589,97 @@ def test_unreachable_broker_raises_connect_error_naming_the_url() -> None:
     with pytest.raises(ConnectError, match=url):
         agent.start()
     assert time.monotonic() - began < 2.5
+
+
+RECONNECT: dict[str, float] = {"reconnect_min": 0.1, "reconnect_max": 0.4}
+"""Reconnect options short enough to see three jittered delays within a second or so."""
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_agents_started_together_retry_their_first_connection_apart(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two agents that cannot reach their broker yet (as in a container starting) do not retry in lockstep."""
+    caplog.set_level(logging.INFO, logger="runtime_agent")
+    urls = [f"mqtt://127.0.0.1:{free_port()}" for _ in range(2)]
+    options: dict[str, Any] = {"interval": INTERVAL, "timeout": 2.0, **RECONNECT}
+    if kind == "thread":
+        errors: list[BaseException] = []
+
+        def start(url: str) -> None:
+            try:
+                Agent(runtime_id(), broker=url, **options).start()
+            except ConnectError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(url,)) for url in urls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(errors) == 2
+    else:
+
+        async def start_both() -> list[BaseException | None]:
+            starts = (AsyncAgent(runtime_id(), broker=url, **options).start() for url in urls)
+            return await asyncio.gather(*starts, return_exceptions=True)
+
+        assert all(isinstance(result, ConnectError) for result in asyncio.run(start_both()))
+    first, second = (logged_delays(caplog, url)[:3] for url in urls)
+    assert len(first) == len(second) == 3, caplog.text
+    assert_jittered(first, 0.1, 0.4)
+    assert_jittered(second, 0.1, 0.4)
+    assert first != second
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_agents_that_lost_the_broker_together_reconnect_apart(
+    kind: str, mosquitto: MosquittoBroker, orchestrator: FakeOrchestrator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a broker goes down, each agent retries on a jittered sequence that starts afresh at reconnect_min."""
+    caplog.set_level(logging.DEBUG, logger="runtime_agent")
+    # Two user names tell the agents apart in the log (the test's Mosquitto takes any).
+    urls = [f"mqtt://{user}@127.0.0.1:{mosquitto.port}" for user in ("a", "b")]
+    options: dict[str, Any] = {"interval": INTERVAL, "timeout": 5.0, **RECONNECT}
+
+    def three_each() -> bool:
+        return all(len(logged_delays(caplog, url)) >= 3 for url in urls)
+
+    if kind == "thread":
+        agents = [Agent(runtime_id(), broker=url, **options) for url in urls]
+        try:
+            for agent in agents:
+                agent.start()
+            mosquitto.stop()
+            deadline = time.monotonic() + 10
+            while not three_each() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            for agent in agents:
+                agent.stop()
+    else:
+
+        async def scenario() -> None:
+            agents = [AsyncAgent(runtime_id(), broker=url, **options) for url in urls]
+            try:
+                for agent in agents:
+                    await agent.start()
+                await asyncio.to_thread(mosquitto.stop)
+                async with asyncio.timeout(10):
+                    while not three_each():  # noqa: ASYNC110 - the log offers no event
+                        await asyncio.sleep(0.05)
+            finally:
+                for agent in agents:
+                    await agent.stop()
+
+        asyncio.run(scenario())
+    first, second = (logged_delays(caplog, url)[:3] for url in urls)
+    assert len(first) == len(second) == 3, caplog.text
+    assert_jittered(first, 0.1, 0.4)
+    assert_jittered(second, 0.1, 0.4)
+    assert first != second
 
 
 @pytest.mark.timeout(20)

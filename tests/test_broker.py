@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from orchestrator.broker import EmbeddedBroker, child_env, free_port
@@ -133,3 +138,36 @@ def test_the_broker_does_not_outlive_an_orchestrator_killed_with_sigkill() -> No
     finally:
         owner.kill()
         owner.wait(10)
+
+
+def test_a_broker_that_cannot_start_again_retries_after_jittered_delays(caplog: pytest.LogCaptureFixture) -> None:
+    """The supervisor, with its port taken, retries on the jittered backoff every retry loop uses."""
+    caplog.set_level(logging.ERROR, logger="orchestrator.broker")
+
+    def delays() -> list[float]:
+        found = (
+            re.search(r"cannot start the embedded.*; retrying in (\S+) s$", r.getMessage()) for r in caplog.records
+        )
+        return [float(match[1]) for match in found if match]
+
+    async def run() -> None:
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", 0))
+            squatter.listen()
+            # The supervisor alone, as after its broker died: __aenter__ would refuse a port in use.
+            broker = EmbeddedBroker("127.0.0.1", squatter.getsockname()[1], start_timeout=20)
+            supervisor = asyncio.create_task(broker._supervise())
+            try:
+                async with asyncio.timeout(30):
+                    while len(delays()) < 2:  # noqa: ASYNC110 - the log offers no event
+                        await asyncio.sleep(0.05)
+            finally:
+                supervisor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await supervisor
+
+    asyncio.run(run())
+    first, second = delays()[:2]
+    assert 0.25 <= first <= 0.75  # 0.5 s, times 0.5-1.5
+    assert 0.5 <= second <= 1.5  # doubled
+    assert (first, second) != (0.5, 1.0)

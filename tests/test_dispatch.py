@@ -7,6 +7,8 @@ against in-process channels that record, fail or hang on demand.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -365,18 +367,50 @@ def test_notice_no_route_wants_is_delivered_at_once(
     assert [n.event for n in delivered] == ["recovered"]
 
 
-@pytest.mark.parametrize(
-    ("attempt", "retry_after", "expected"), [(1, None, 1.0), (2, None, 2.0), (4, None, 8.0), (9, None, 60.0)]
-)
-def test_backoff_doubles_up_to_the_cap(attempt: int, retry_after: float | None, expected: float) -> None:
-    assert RetryPolicy(base=1.0, max=60.0).delay(attempt, retry_after) == expected
+def test_backoff_without_jitter_doubles_up_to_the_cap() -> None:
+    delays = RetryPolicy(base=1.0, max=60.0, jitter=0).delays()
+    assert list(itertools.islice(delays, 9)) == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+def test_backoff_is_jittered_like_the_reconnect_loops_and_never_above_the_cap() -> None:
+    bases = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0] + [60.0] * 94
+    policy = RetryPolicy(base=1.0, max=60.0, rng=random.Random(19).random)
+    delays = list(itertools.islice(policy.delays(), len(bases)))
+    ratios = [delay / base for delay, base in zip(delays, bases, strict=True)]
+    assert all(0.5 <= ratio <= 1.5 for ratio in ratios), ratios
+    assert max(delays) == 60.0
+    assert min(ratios) < 0.6  # the band is used: notices that failed together retry apart
+    assert len({round(ratio, 6) for ratio in ratios[:6]}) == 6
 
 
 def test_backoff_honours_a_longer_retry_after_within_the_cap() -> None:
     policy = RetryPolicy(base=1.0, max=60.0)
-    assert policy.delay(1, 30.0) == 30.0
-    assert policy.delay(1, 600.0) == 60.0
-    assert policy.delay(3, 0.5) == 4.0
+    assert policy.wait(1.0, 30.0) == 30.0
+    assert policy.wait(1.0, 600.0) == 60.0
+    assert policy.wait(4.0, 0.5) == 4.0
+    assert policy.wait(4.0) == 4.0
+
+
+def test_bad_retry_numbers_fail_when_the_policy_is_made() -> None:
+    with pytest.raises(ValueError, match="cap"):
+        RetryPolicy(base=2.0, max=1.0)
+
+
+def test_each_retry_waits_a_jittered_delay_drawn_from_the_policy(
+    make_dispatcher: Callable[..., Dispatcher], channel: Channel
+) -> None:
+    """One draw of the policy's randomness per retry, none for a notice that goes out at once."""
+    draws: list[float] = []
+
+    def rng() -> float:
+        draws.append(random.random())
+        return draws[-1]
+
+    channel.errors = [NotifyError("503", retryable=True)] * 2
+    dispatcher = make_dispatcher([Route(channel)], retry=RetryPolicy(attempts=3, base=0.001, max=0.01, rng=rng))
+    deliver(dispatcher, [dead("a")], [dead("b")])
+    assert channel.events() == [("dead", "a"), ("dead", "b")]
+    assert len(draws) == 2
 
 
 # --- storm gate (pure) ------------------------------------------------------------------------

@@ -22,8 +22,8 @@ import aiomqtt
 from runtime_agent.protocol import Topics
 
 from .broker import free_port
-from .cli import format_table
 from .config import Config
+from .reports import format_table
 from .service import Orchestrator
 
 AGENTS = ("demo-a", "demo-b", "demo-c")

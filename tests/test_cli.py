@@ -20,10 +20,12 @@ from typing import IO, Any
 import paho.mqtt.publish as publish
 import pytest
 
+from orchestrator.admin import format_reply, parse_duration
 from orchestrator.broker import free_port
-from orchestrator.cli import ago, duration, format_alert, format_reply, format_table, parse_duration, use_color
 from orchestrator.config import ConfigError
+from orchestrator.reports import format_alert, format_table
 from orchestrator.store import FlipRow, RuntimeRow, Store
+from orchestrator.terminal import ago, duration, use_color
 
 from .harness import ROOT, TOPICS, MosquittoBroker
 

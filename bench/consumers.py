@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.sharedctypes
+import shutil
 import subprocess
 import threading
 import time
@@ -24,9 +25,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from .harness import MOSQUITTO_SUB, PREFIX, Observer
+from .harness import StatsObserver
+from .processes import TOPICS, stop_process
 
-PULSES = f"{PREFIX}/runtimes/+/pulse"
+MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+PULSES = TOPICS.pulse_filter
 _PROBE = "bench/flush/" + "x" * 100
 
 
@@ -46,7 +49,7 @@ class Consumer(Protocol):
 class OrchestratorCounter:
     name = "orchestrator"
 
-    def __init__(self, observer: Observer, pid: int) -> None:
+    def __init__(self, observer: StatsObserver, pid: int) -> None:
         self.observer = observer
         self.pid = pid
 
@@ -219,10 +222,4 @@ class MosquittoSub:
     def close(self) -> None:
         self._pub.disconnect()
         self._pub.loop_stop()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, timeout=5)

@@ -1,10 +1,11 @@
-"""Processes and measurements shared by the scenarios.
+"""What the scenarios share: their world (:class:`Bench`), measurements, and results.
 
 A scenario gets a :class:`Bench` (a temporary directory and a Mosquitto of
 its own on a free loopback port), seeds a SQLite database, starts the
 orchestrator as a separate process (``python -m orchestrator run``), watches
-it through an :class:`Observer` (a paho subscriber on the stats, state,
-alert and status topics) and reads its RSS and CPU time from ``/proc``.
+it through a :class:`StatsObserver` (a paho subscriber on the stats, state,
+alert and status topics) and reads its RSS and CPU time from ``/proc``. The
+processes themselves are :mod:`bench.processes`, which the tests use too.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import resource
 import shutil
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
-from orchestrator.broker import free_port, wait_for_port
+from .processes import TOPICS, MosquittoBroker, OrchestratorProcess, Subscriber, start_mosquitto
 
-PREFIX = "heartbeat/v1"
-ROOT = Path(__file__).resolve().parent.parent
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+MOSQUITTO_LIMITS = "max_connections -1\nlog_type error\nlog_type warning\n"
+"""Bench brokers take any number of connections and log only errors and warnings (not every connection)."""
+LOSSLESS = "max_queued_messages 0\n"
+"""Lifts the per-client cap (1000 by default) under which Mosquitto drops QoS 0 messages for a subscriber
+that falls behind: a slow consumer shows up as lag (its count arriving late), not as silent loss in the broker."""
 
 
 def raise_nofile() -> int:
@@ -46,12 +45,6 @@ def raise_nofile() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def env() -> dict[str, str]:
-    out = dict(os.environ, PYTHONUNBUFFERED="1")
-    out["PYTHONPATH"] = str(ROOT) + os.pathsep + out.get("PYTHONPATH", "")
-    return out
 
 
 # --- /proc ---------------------------------------------------------------------
@@ -95,63 +88,13 @@ def wait_idle(pid: int, *, below: float = 0.15, hold: float = 1.0, timeout: floa
     return time.monotonic() - start
 
 
-def wait_settled(pid: int, observer: Observer, timeout: float = 600.0, *, hold: float = 1.0) -> float:
+def wait_settled(pid: int, observer: StatsObserver, timeout: float = 600.0, *, hold: float = 1.0) -> float:
     """Wait until start-up work is done: the status refresh after connecting (paced, about
     10,000 statuses a second, so a light load ``wait_idle`` alone takes for idle), then idle."""
     start = time.monotonic()
     observer.wait(lambda o: o.stats.get("refresh_pending", 0) == 0 and o.stats_at > start, timeout)
     wait_idle(pid, hold=hold, timeout=max(1.0, timeout - (time.monotonic() - start)))
     return time.monotonic() - start
-
-
-# --- Mosquitto -------------------------------------------------------------------
-
-
-class Mosquitto:
-    """A Mosquitto of the scenario's own on a free loopback port, lossless for QoS 0 subscribers.
-
-    ``max_queued_messages 0`` lifts the per-client cap (1000 by default) under
-    which Mosquitto drops QoS 0 messages for a subscriber that falls behind;
-    with it, a slow consumer shows up as lag (its count arriving late), not as
-    silent loss inside the broker. ``defaults=True`` keeps Mosquitto's own
-    limits, for what must hold on a broker as users run it.
-    """
-
-    def __init__(self, directory: Path, *, defaults: bool = False) -> None:
-        self.port = free_port()
-        self.conf = directory / f"mosquitto-{self.port}.conf"
-        self.log = directory / f"mosquitto-{self.port}.log"
-        limits = "" if defaults else "max_queued_messages 0\n"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"{limits}set_tcp_nodelay true\nmax_connections -1\nmax_keepalive 65535\n"
-            f"log_dest file {self.log}\nlog_type error\nlog_type warning\n"
-        )
-        self.process = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            wait_for_port(self.port)
-        except TimeoutError:
-            self.stop()
-            raise
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        _stop(self.process)
-
-
-def _stop(process: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-    if process.poll() is None:
-        process.send_signal(sig)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 # --- the database ----------------------------------------------------------------
@@ -214,8 +157,8 @@ def db_count(path: Path, state: str) -> int:
 # --- the orchestrator --------------------------------------------------------------
 
 
-class Orchestrator:
-    """``python -m orchestrator run`` as a separate process."""
+class Orchestrator(OrchestratorProcess):
+    """``python -m orchestrator run`` on a configuration file of the scenario's, started at once."""
 
     def __init__(
         self,
@@ -238,31 +181,23 @@ class Orchestrator:
         self.config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()))
         args = ["--db", db if isinstance(db, str) else f"sqlite:///{db}", "--config", str(self.config)]
         args += ["--broker", broker] if broker else ["--listen", str(listen)]
-        self.log_path = directory / "orchestrator.log"
-        self._log = self.log_path.open("ab")
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "run", *args], stdout=self._log, stderr=self._log, env=env()
-        )
-        self.pid = self.process.pid
+        super().__init__(args, directory / "orchestrator.log")
+        self.start()
 
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, chars: int = 2000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        _stop(self.process, timeout=60)
-        self._log.close()
-        keep = os.environ.get("HEARTBEAT_BENCH_LOGS")  # a directory to keep each orchestrator's log in
-        if keep:
-            Path(keep).mkdir(parents=True, exist_ok=True)
-            shutil.copy(self.log_path, Path(keep) / f"orchestrator-{self.pid}.log")
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        try:
+            return super().stop(sig, timeout)
+        finally:
+            keep = os.environ.get("HEARTBEAT_BENCH_LOGS")  # a directory to keep each orchestrator's log in
+            if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                shutil.copy(self.log_path, Path(keep) / f"orchestrator-{self.pid}.log")
 
 
 # --- the observer --------------------------------------------------------------------
+
+
+_STATUS = TOPICS.status("")
 
 
 @dataclass
@@ -273,75 +208,61 @@ class Alert:
     """time.monotonic() when the observer received it."""
 
 
-@dataclass
-class Observer:
-    """A paho subscriber (its own thread) on the orchestrator's stats and state, and optionally alerts and status."""
+class StatsObserver(Subscriber):
+    """A subscriber on the orchestrator's stats and state, and optionally alerts and status (``dead`` ones)."""
 
-    port: int
-    alerts: bool = False
-    status: bool = False
-    stats: dict[str, Any] = field(default_factory=dict)
-    stats_at: float = 0.0
-    online_at: list[float] = field(default_factory=list)
-    alert_log: list[Alert] = field(default_factory=list)
-    status_dead: dict[str, float] = field(default_factory=dict)
-    """Runtime ID -> when its status topic first said dead."""
-    dead_ids: set[str] = field(default_factory=set)
-    """IDs with a ``dead`` alert, kept as alerts arrive: a wait's predicate must cost O(1), not O(alerts).
+    def __init__(self, port: int, alerts: bool = False, status: bool = False) -> None:
+        self.alerts = alerts
+        self.status = status
+        self.stats: dict[str, Any] = {}
+        self.stats_at = 0.0
+        self.online_at: list[float] = []
+        self.alert_log: list[Alert] = []
+        self.status_dead: dict[str, float] = {}
+        """Runtime ID -> when its status topic first said dead."""
+        self.dead_ids: set[str] = set()
+        """IDs with a ``dead`` alert, kept as alerts arrive: a wait's predicate must cost O(1), not O(alerts).
 
-    :meth:`wait` checks its predicate on every message while holding the lock
-    ``_on_message`` needs; counting 10,000 alerts afresh on each of them made
-    this observer, not the orchestrator, the last to see a will storm (3 s)."""
+        :meth:`wait` checks its predicate on every message while holding the lock
+        ``_on_message`` needs; counting 10,000 alerts afresh on each of them made
+        this observer, not the orchestrator, the last to see a will storm (3 s)."""
+        super().__init__(port, name="bench-observer")
 
-    def __post_init__(self) -> None:
-        self._cond = threading.Condition()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-observer-{os.getpid()}-{id(self)}")
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
-        self._subscribed = threading.Event()
-        self._client.on_subscribe = lambda *a: self._subscribed.set()
-        self._client.max_queued_messages_set(0)
-        self._client.connect("127.0.0.1", self.port, keepalive=60)
-        self._client.loop_start()
-        if not self._subscribed.wait(15):
-            raise TimeoutError("observer could not subscribe")
-
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
-        topics = [(f"{PREFIX}/orchestrator/#", 1)]
+    def topics(self) -> list[str]:
+        topics = [f"{TOPICS.prefix}/orchestrator/#"]
         if self.alerts:
-            topics.append((f"{PREFIX}/alerts", 1))
+            topics.append(TOPICS.alerts)
         if self.status:
-            topics.append((f"{PREFIX}/status/+", 1))
-        client.subscribe(topics)
+            topics.append(TOPICS.status_filter)
+        return topics
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         now = time.monotonic()
         topic = msg.topic
-        if topic.startswith(f"{PREFIX}/status/"):
+        if topic.startswith(_STATUS):  # many, and only a dead one counts: no lock, no wake-up for the others
             if b'"state":"dead"' in msg.payload.replace(b" ", b""):
-                rid = topic[len(PREFIX) + 8 :]
                 with self._cond:
-                    self.status_dead.setdefault(rid, now)
+                    self.status_dead.setdefault(topic[len(_STATUS) :], now)
             return
         with self._cond:
-            if topic == f"{PREFIX}/alerts":
+            if topic == TOPICS.alerts:
                 doc = json.loads(msg.payload)
                 self.alert_log.append(Alert(doc["id"], doc["event"], now))
                 if doc["event"] == "dead":
                     self.dead_ids.add(doc["id"])
-            elif topic == f"{PREFIX}/orchestrator/stats":
+            elif topic == TOPICS.orchestrator_stats:
                 if not msg.retain:
                     self.stats = json.loads(msg.payload)
                     self.stats_at = now
             elif (
-                topic == f"{PREFIX}/orchestrator/state"
+                topic == TOPICS.orchestrator_state
                 and not msg.retain
                 and json.loads(msg.payload).get("state") == "online"
             ):
                 self.online_at.append(now)
             self._cond.notify_all()
 
-    def wait(self, predicate: Callable[[Observer], bool], timeout: float) -> bool:
+    def wait(self, predicate: Callable[[StatsObserver], bool], timeout: float) -> bool:
         """Wait until ``predicate(self)`` holds (checked on every message); False after ``timeout``."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -369,21 +290,24 @@ class Observer:
         with self._cond:
             return [a for a in self.alert_log if a.event == "dead"]
 
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
 
 # --- a scenario's world ----------------------------------------------------------------------
 
 
 class Bench:
-    """A scenario's temporary directory and Mosquitto; ``orchestrator()`` and ``observer()`` are cleaned up too."""
+    """A scenario's temporary directory and Mosquitto; ``orchestrator()`` and ``observer()`` are cleaned up too.
+
+    The Mosquitto is lossless for QoS 0 subscribers (:data:`LOSSLESS`);
+    ``broker_defaults=True`` keeps Mosquitto's own limits, for what must hold
+    on a broker as users run it.
+    """
 
     def __init__(self, name: str, *, broker_defaults: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"hb-bench-{name}-"))
-        self.mosquitto = Mosquitto(self.dir, defaults=broker_defaults)
-        self._closers: list[Callable[[], None]] = []
+        self.mosquitto: MosquittoBroker = start_mosquitto(
+            self.dir, extra=MOSQUITTO_LIMITS + ("" if broker_defaults else LOSSLESS)
+        )
+        self._closers: list[Callable[[], object]] = []
 
     @property
     def port(self) -> int:
@@ -402,12 +326,12 @@ class Bench:
         self._closers.append(orch.stop)
         return orch
 
-    def observer(self, port: int | None = None, **kw: Any) -> Observer:
-        obs = Observer(port or self.port, **kw)
+    def observer(self, port: int | None = None, **kw: Any) -> StatsObserver:
+        obs = StatsObserver(port or self.port, **kw)
         self._closers.append(obs.close)
         return obs
 
-    def on_close(self, fn: Callable[[], None]) -> None:
+    def on_close(self, fn: Callable[[], object]) -> None:
         self._closers.append(fn)
 
     def close(self) -> None:
@@ -432,7 +356,7 @@ def bench(name: str, *, broker_defaults: bool = False) -> Iterator[Bench]:
 
 
 def start_ready(
-    b: Bench, db: Path | str, observer: Observer, timeout: float = 180.0, **kw: Any
+    b: Bench, db: Path | str, observer: StatsObserver, timeout: float = 180.0, **kw: Any
 ) -> tuple[Orchestrator, float]:
     """Start an orchestrator and wait for its live ``online``; returns it and the seconds it took."""
     orch = b.orchestrator(db, **kw)

@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-PREFIX = "heartbeat/v1"
+from runtime_agent.protocol import Topics
+
+TOPICS = Topics()
 _LIVE = b"/runtimes/"
 _VOID = b"/silenced/"  # same length: a stopped runtime's slot goes to a topic nobody reads
 
@@ -127,7 +129,7 @@ class _Generator:
         order = list(range(n))
         if shuffled:
             random.Random(n).shuffle(order)
-        topics = [f"{PREFIX}/runtimes/{runtime_id(i)}/pulse" for i in order]
+        topics = [TOPICS.pulse(runtime_id(i)) for i in order]
         packets = [encode_publish(t) for t in topics]
         self.size = len(packets[0])
         assert all(len(p) == self.size for p in packets)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.processes import PG_ADMIN_DEFAULT, scratch_database
+
 from .harness import Deployment, MosquittoBroker, start_mosquitto
 from .webhook import Hook
 
-PG_ADMIN_URL = os.environ.get("HEARTBEAT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_ADMIN_URL = os.environ.get("HEARTBEAT_TEST_PG", PG_ADMIN_DEFAULT)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,19 +48,9 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database on the machine's server, dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    name = f"hb_test_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(PG_ADMIN_URL)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    pytest.importorskip("psycopg2")
+    with scratch_database(PG_ADMIN_URL, "hb_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["embedded", "mosquitto"])

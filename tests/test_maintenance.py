@@ -29,7 +29,7 @@ from orchestrator.config import Config
 from orchestrator.service import Orchestrator
 from orchestrator.store import FlipRow, Store
 
-from .harness import TOPICS, Deployment, _env
+from .harness import TOPICS, Deployment, process_env
 from .test_service import UNREACHABLE_BROKER, running, until
 from .webhook import Hook
 
@@ -56,7 +56,7 @@ def orchestrator_cli(d: Deployment, *args: str, timeout: float = 30) -> subproce
         [sys.executable, "-m", "orchestrator", *args, "--broker", d.broker_url],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=process_env(),
         timeout=timeout,
     )
 

@@ -18,8 +18,9 @@ from orchestrator.broker import broker_command, child_env, free_port, wait_for_p
 
 from ..consumers import MetricsCounter, PahoSubscriber
 from ..context import Context
-from ..harness import Result, _stop, bench, child_pids, wait_settled
+from ..harness import Result, bench, child_pids, wait_settled
 from ..load import LoadProcess
+from ..processes import stop_process
 from ..search import search
 
 LADDER = [2_000, 4_000, 8_000, 12_000, 16_000, 24_000, 32_000, 48_000, 64_000]
@@ -49,7 +50,7 @@ def run(ctx: Context) -> Result:
             finally:
                 paho.close()
         finally:
-            _stop(broker)
+            stop_process(broker)
         ctx.say(f"paho on amqtt: {baseline.best:,}/s ({baseline.summary()})")
 
         port, http = free_port(), free_port()

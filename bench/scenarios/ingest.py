@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from ..consumers import Consumer, MosquittoSub, OrchestratorCounter, PahoSubscriber
 from ..context import Context
-from ..harness import Bench, Observer, Orchestrator, Result, bench, cpu_seconds, start_ready, wait_settled
+from ..harness import Bench, Orchestrator, Result, StatsObserver, bench, cpu_seconds, start_ready, wait_settled
 from ..load import LoadProcess
 from ..search import SearchResult, search, wait_counted
 
@@ -45,7 +45,7 @@ def cpu_split(b: Bench, load: LoadProcess, consumer: Consumer, seconds: float) -
     return {name: round((cpu_seconds(pid) - before[name]) / report.sent * 1e6, 2) for name, pid in pids.items()}
 
 
-def start_warm(ctx: Context, b: Bench, load: LoadProcess, n: int) -> tuple[Orchestrator, Observer]:
+def start_warm(ctx: Context, b: Bench, load: LoadProcess, n: int) -> tuple[Orchestrator, StatsObserver]:
     """An orchestrator with ``n`` runtimes (interval = grace = 3600 s), each pulsed once and settled.
 
     The unknown -> alive wave after the first pulses is start-up work, not ingest: it is done before measuring.

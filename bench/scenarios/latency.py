@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from ..context import Context
-from ..harness import Observer, Result, bench, start_ready
+from ..harness import Result, StatsObserver, bench, start_ready
 from ..load import LoadProcess, runtime_id
 
 INTERVAL, GRACE = 2.0, 1.0
@@ -92,14 +92,14 @@ def stop_some(
 
 
 def settle(
-    load: LoadProcess, observer: Observer, *, rate: int, offset: int, silent: list[int], limit: float
+    load: LoadProcess, observer: StatsObserver, *, rate: int, offset: int, silent: list[int], limit: float
 ) -> tuple[int, float]:
     """Keep pulsing (a second at a time) until the start-up work is done; (next offset, seconds it took)."""
     start = time.monotonic()
     live = load.n - len(silent)
     stops = dict.fromkeys(silent, 0.0)
 
-    def done(o: Observer) -> bool:
+    def done(o: StatsObserver) -> bool:
         s = o.stats
         return (
             o.stats_at > begun

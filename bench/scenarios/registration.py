@@ -21,16 +21,16 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..context import Context
 from ..fleet import ReplyListener, fleet_ids, registering
 from ..harness import Result, bench, start_ready
 from ..load import LoadProcess
+from ..processes import PG_ADMIN_DEFAULT, scratch_database
 
-PG_ADMIN = os.environ.get("HEARTBEAT_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_ADMIN = os.environ.get("HEARTBEAT_BENCH_PG", PG_ADMIN_DEFAULT)
 _WAIT = 30.0
 """Seconds a request may go unanswered before it counts as lost."""
 
@@ -74,28 +74,6 @@ def _register(port: int, ids: list[str], listener: ReplyListener, name: str, sto
     )
 
 
-@contextlib.contextmanager
-def _pg_database() -> Iterator[str | None]:
-    """A fresh PostgreSQL database URL for one phase (None if no server answers); dropped afterwards."""
-    try:
-        import psycopg2
-
-        admin = psycopg2.connect(PG_ADMIN, connect_timeout=5)
-    except Exception:
-        yield None
-        return
-    admin.autocommit = True
-    name = f"hb_bench_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_ADMIN.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
 def _count_rows(db: str) -> int:
     from orchestrator.store import Store
 
@@ -132,9 +110,11 @@ def run(ctx: Context) -> Result:
     result = Result("registration")
     n = 5_000 if ctx.quick else 100_000
     phases = [_phase(ctx, "sqlite", n)]
-    with _pg_database() as pg:
-        if pg is None:
-            result.notes.append(f"postgresql: not run, no server at {PG_ADMIN}")
+    with contextlib.ExitStack() as stack:
+        try:
+            pg = stack.enter_context(scratch_database(PG_ADMIN, "hb_bench"))
+        except Exception as exc:  # no psycopg2, or no server answers
+            result.notes.append(f"postgresql: not run, no server at {PG_ADMIN} ({type(exc).__name__})")
         else:
             phases.append(_phase(ctx, "postgresql", n, pg))
     pulsing, rate = (5_000, 2_000.0) if ctx.quick else (50_000, 10_000.0)

@@ -24,11 +24,11 @@ informational).
 from __future__ import annotations
 
 from ..context import Context
-from ..harness import Observer, Result, bench, cpu_seconds, start_ready, wait_settled
+from ..harness import Result, StatsObserver, bench, cpu_seconds, start_ready, wait_settled
 from ..load import LoadProcess
 
 
-def cpu_per_pulse(load: LoadProcess, observer: Observer, pid: int, rate: int, window: float) -> float:
+def cpu_per_pulse(load: LoadProcess, observer: StatsObserver, pid: int, rate: int, window: float) -> float:
     """The orchestrator's CPU µs per pulse over ``window`` seconds of ``load`` at ``rate``."""
     load.run(rate=rate, count=min(load.n, rate))  # touch the path once before measuring
     before = observer.fresh_stats()

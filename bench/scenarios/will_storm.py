@@ -22,8 +22,9 @@ import socket
 import time
 
 from ..context import Context
-from ..harness import PREFIX, Result, bench, start_ready
+from ..harness import Result, bench, start_ready
 from ..load import encode_connect, encode_publish, runtime_id
+from ..processes import TOPICS
 
 
 def _agents(conn: multiprocessing.connection.Connection, port: int, n: int) -> None:
@@ -33,7 +34,7 @@ def _agents(conn: multiprocessing.connection.Connection, port: int, n: int) -> N
         for i in range(n):
             rid = runtime_id(i)
             session = rng.getrandbits(53)
-            topic = f"{PREFIX}/runtimes/{rid}/state"
+            topic = TOPICS.state(rid)
             will = json.dumps({"state": "offline", "session": session}).encode()
             birth = json.dumps({"state": "online", "session": session}).encode()
             sock = socket.create_connection(("127.0.0.1", port), timeout=30)

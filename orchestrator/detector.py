@@ -7,10 +7,13 @@ state machine is tested with a fake clock.
 Deadlines live in a heap with lazy re-arming: a pulse only stores ``now``
 (a dict lookup and an attribute write), and a runtime's heap entry is
 popped and pushed again about once per ``interval + grace``, not once per
-pulse. Nothing ever walks every runtime on a timer. The last-seen times the
-database is to store are picked at those re-arms too, about one per
-runtime per ``seen_every`` seconds (:meth:`Detector.take_seen`), so the
-database's work also follows the runtimes' windows, not their pulses.
+pulse. Nothing ever walks every runtime on a timer.
+
+Which last-seen times the database stores, and when, is not the detector's
+business but :class:`~orchestrator.lastseen.LastSeen`'s (``Detector.seen``):
+the detector tells it of re-arms, changes of state and first signs of life,
+the moments it spends work on a runtime anyway, so the database's work
+follows the runtimes' windows, not their pulses.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import itertools
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from .lastseen import LastSeen
 
 
 class State(enum.Enum):
@@ -35,21 +40,6 @@ _SHARED_VALUES = 4096
 """Distinct intervals and graces whose float objects :meth:`Detector.restore` shares."""
 _WATCHED = (ALIVE, UNKNOWN)
 """States with a deadline: the two in which silence means death."""
-
-
-def _new_period(runtime_id: str, stored: float | None, seen: float, every: float) -> bool:
-    """Whether ``seen`` is in a later period of ``every`` seconds than ``stored``, on the runtime's own phase.
-
-    The phase (from the ID's hash) spreads the runtimes' picks evenly over
-    the period: runtimes registered or restored together would otherwise be
-    picked together, every period, one flush of all of them at a time.
-    """
-    if stored is None:
-        return True
-    if every <= 0:
-        return seen != stored
-    phase = (hash(runtime_id) & 0xFFFF) * every / 65536
-    return (seen + phase) // every != (stored + phase) // every
 
 
 class NotRegistered(KeyError):
@@ -90,6 +80,7 @@ class _Runtime:
         "grace",
         "interval",
         "last_seen",
+        "phase",
         "reason",
         "session",
         "since",
@@ -106,7 +97,8 @@ class _Runtime:
         self.reason: str | None = None
         self.last_seen: float | None = None
         self.stored: float | None = None
-        """The last-seen time last handed out by :meth:`Detector.take_seen` (the database's, once written)."""
+        """:class:`LastSeen`'s, not the detector's, like ``phase``: kept here for memory (see :mod:`.lastseen`)."""
+        self.phase = 0.0
         self.token = 0
         """Identifies this runtime's one live heap entry; 0 when it has none."""
         self.session: int | None = None
@@ -124,14 +116,13 @@ class Detector:
     """
 
     def __init__(self, *, now: float, seen_every: float = 0.0) -> None:
-        self.seen_every = seen_every
-        """A live runtime's last-seen time is picked for the database once in each period of this many seconds."""
         self._runtimes: dict[str, _Runtime] = {}
+        self.seen = LastSeen(self._runtimes, seen_every)
+        """The last-seen times for the database: a live runtime's is picked once in each period of ``seen_every`` s."""
         self._heap: list[tuple[float, int, str]] = []
         self._tokens = itertools.count(1)
         self._watch_from = now
         self._suspended = False
-        self._seen: dict[str, float] = {}
         self._values: dict[float, float] = {}
         self.counts: dict[State, int] = dict.fromkeys(State, 0)
         """How many runtimes are in each state, kept as they change (never counted by a scan)."""
@@ -192,6 +183,7 @@ class Detector:
         if rt is None:
             rt = self._runtimes[runtime_id] = _Runtime(interval, grace, UNKNOWN, now)
             rt.reason = "registered"
+            self.seen.added(runtime_id, rt)
             self.counts[UNKNOWN] += 1
             self._arm(runtime_id, rt)
         elif (rt.interval, rt.grace) != (interval, grace):
@@ -221,14 +213,15 @@ class Detector:
         interval, grace = self._shared(interval), self._shared(grace)
         rt = self._runtimes[runtime_id] = _Runtime(interval, grace, state, since)
         self.counts[state] += 1
-        rt.last_seen = rt.stored = last_seen
+        rt.last_seen = last_seen
+        self.seen.added(runtime_id, rt)  # the database has this last-seen time already
         rt.reason = None if reason is None else sys.intern(reason)
         if state in _WATCHED:
             self._arm(runtime_id, rt)
 
     def deregister(self, runtime_id: str) -> bool:
         """Forget a runtime; its heap entry becomes stale and is dropped when popped."""
-        self._seen.pop(runtime_id, None)
+        self.seen.forget(runtime_id)
         rt = self._runtimes.pop(runtime_id, None)
         if rt is None:
             return False
@@ -241,7 +234,8 @@ class Detector:
         """A pulse arrived. Raises :class:`NotRegistered` for an unknown ID.
 
         This is the hot path: one dict lookup, one store and two tests when
-        the runtime is already alive.
+        the runtime is already alive. Nothing here is for the database but
+        the test for a first sign of life (which :attr:`seen` picks at once).
         """
         rt = self._runtimes.get(runtime_id)
         if rt is None:
@@ -251,9 +245,11 @@ class Detector:
                 return None  # a late pulse from a connection already declared dead
             if session != rt.session and rt.session is not None:
                 self.session_changes.append(runtime_id)
-        rt.last_seen = now
-        if rt.stored is None:  # its first pulse: the database shows 'never' until it has one
-            self._seen[runtime_id] = rt.stored = now
+        if rt.last_seen is None:  # its first sign of life: the database shows 'never' until it has one
+            rt.last_seen = now
+            self.seen.force(runtime_id, rt)
+        else:
+            rt.last_seen = now
         if rt.state is ALIVE:
             return None
         return self._alive(runtime_id, rt, now, "pulse received")
@@ -271,15 +267,19 @@ class Detector:
             rt.session = session
         if not live:
             return None  # a retained copy: it names the session, but is no sign of life now
+        first = rt.last_seen is None
         rt.last_seen = now
-        return self._alive(runtime_id, rt, now, "connected")
+        transition = self._alive(runtime_id, rt, now, "connected")
+        if first:
+            self.seen.force(runtime_id, rt)  # the change of state forced it already, if there was one
+        return transition
 
     def offline(
         self, runtime_id: str, now: float, session: int | None = None, *, live: bool = True
     ) -> Transition | None:
         """A last will: the broker lost the runtime's connection.
 
-        A will from an older session than the newest birth is stale and
+        A will from another session than the newest birth's is stale and
         ignored. A retained will seen at start-up changes nothing: the watch
         after start decides, so a restart raises no alert from old news.
         """
@@ -361,7 +361,7 @@ class Detector:
         path. (Writing :meth:`_deadline` out here saved another 8 %; the rule
         stays in one place instead.)
         """
-        heap, runtimes = self._heap, self._runtimes
+        heap, runtimes, rearmed = self._heap, self._runtimes, self.seen.rearmed
         settled = 0
         while heap and heap[0][0] <= now:
             if budget is not None and settled >= budget:
@@ -381,9 +381,7 @@ class Detector:
             rt.token = token = next(self._tokens)
             heapq.heapreplace(heap, (deadline, token, runtime_id))
             self.heap_pops += 1
-            seen = rt.last_seen
-            if seen is not None and _new_period(runtime_id, rt.stored, seen, self.seen_every):
-                self._seen[runtime_id] = rt.stored = seen
+            rearmed(runtime_id, rt)
         return None
 
     def suspend(self) -> None:
@@ -397,37 +395,6 @@ class Detector:
         """
         self._watch_from = now
         self._suspended = False
-
-    def take_seen(self) -> dict[str, float]:
-        """Last-seen times for the database, picked since the previous call, for a batched write.
-
-        A live runtime's time is picked when its deadline is re-armed (about
-        once per ``interval + grace``) and has entered a new period of
-        ``seen_every`` seconds since the one picked before (each runtime on
-        its own phase): a pulse itself costs the database nothing, and
-        100,000 runtimes pulsing every 2 s make some 1,700 rows a second
-        (``seen_every`` 60 s) instead of 20,000 (a row per runtime per 5 s
-        flush). A change of state picks its runtime's time at once,
-        so a dead runtime's stored last-seen is exact; :meth:`take_all_seen`
-        is for a clean stop.
-        """
-        seen, self._seen = self._seen, {}
-        return seen
-
-    def take_all_seen(self) -> dict[str, float]:
-        """Every last-seen time not yet handed out, whether picked or not (walks every runtime: for a stop)."""
-        seen, self._seen = self._seen, {}
-        for runtime_id, rt in self._runtimes.items():
-            if rt.last_seen is not None and rt.last_seen != rt.stored:
-                seen[runtime_id] = rt.stored = rt.last_seen
-        return seen
-
-    def restore_seen(self, seen: dict[str, float]) -> None:
-        """Give back times from :meth:`take_seen` that could not be stored: each runtime's newest is picked again."""
-        for runtime_id in seen:
-            rt = self._runtimes.get(runtime_id)
-            if rt is not None and rt.last_seen is not None:
-                self._seen[runtime_id] = rt.stored = rt.last_seen
 
     # --- internals -----------------------------------------------------------
 
@@ -481,8 +448,7 @@ class Detector:
     ) -> Transition:
         old = rt.state
         rt.state, rt.since, rt.reason = new, now, reason
-        if rt.last_seen != rt.stored and rt.last_seen is not None:
-            self._seen[runtime_id] = rt.stored = rt.last_seen  # the database's row as exact as the flip's
+        self.seen.force(runtime_id, rt)  # the database's row as exact as the flip's
         self.counts[old] -= 1
         self.counts[new] += 1
         if new not in _WATCHED:

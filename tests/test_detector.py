@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,15 +41,6 @@ def register_alive(det: Detector, clock: FakeClock, rid: str = "rt-1", iv: float
     assert t.new is ALIVE
 
 
-def pulsed_then_rearmed(det: Detector, clock: FakeClock, rid: str = "rt-1") -> float:
-    """Register ``rid``, pulse it once, and reach its first deadline so it is re-armed; the pulse's time."""
-    register_alive(det, clock, rid)
-    seen = clock.advance(1)
-    det.pulse(rid, seen)
-    assert det.expire(clock.advance(IV + GRACE - 1)) == []  # the entry armed at registration
-    return seen
-
-
 def expire_ids(det: Detector, now: float) -> list[str]:
     return [t.runtime_id for t in det.expire(now)]
 
@@ -88,7 +77,6 @@ def test_registration_is_not_a_pulse_so_last_seen_stays_empty(det: Detector, clo
     det.register("rt-1", IV, GRACE, clock.now)
 
     assert det.view("rt-1").last_seen is None
-    assert det.take_seen() == {}
 
 
 def test_new_runtime_deadline_is_registration_plus_interval_plus_grace(det: Detector, clock: FakeClock) -> None:
@@ -346,12 +334,10 @@ def test_late_pulse_from_session_declared_dead_does_not_revive(det: Detector, cl
     det.pulse("rt-1", clock.advance(1), session=7)
     det.offline("rt-1", clock.advance(1), session=7)
     seen_before = det.view("rt-1").last_seen
-    det.take_seen()
 
     assert det.pulse("rt-1", clock.advance(0.1), session=7) is None
     assert det.view("rt-1").state is DEAD
     assert det.view("rt-1").last_seen == seen_before
-    assert det.take_seen() == {}
 
 
 def test_late_birth_from_session_declared_dead_does_not_revive(det: Detector, clock: FakeClock) -> None:
@@ -411,7 +397,7 @@ def test_birth_is_a_sign_of_life(det: Detector, clock: FakeClock) -> None:
     t = det.online("rt-1", clock.advance(1), session=1)
 
     assert t == Transition("rt-1", UNKNOWN, ALIVE, clock.now, clock.now, "connected", None)
-    assert det.take_seen() == {"rt-1": clock.now}
+    assert det.view("rt-1").last_seen == clock.now
 
 
 # --- stopped -----------------------------------------------------------------------------
@@ -573,14 +559,6 @@ def test_reregistered_runtime_is_not_judged_by_its_old_heap_entry(det: Detector,
     assert expire_ids(det, clock.now + IV + GRACE) == ["rt-1"]
 
 
-def test_deregister_drops_unsaved_last_seen(det: Detector, clock: FakeClock) -> None:
-    pulsed_then_rearmed(det, clock)
-
-    det.deregister("rt-1")
-
-    assert det.take_seen() == {}
-
-
 @pytest.mark.parametrize(
     "call",
     [
@@ -713,122 +691,7 @@ def test_will_is_still_acted_on_while_suspended(det: Detector, clock: FakeClock)
     assert t.new is DEAD
 
 
-# --- take_seen and next_deadline -------------------------------------------------------------------
-
-
-def test_a_first_pulse_is_picked_for_the_database_at_once(det: Detector, clock: FakeClock) -> None:
-    register_alive(det, clock)
-
-    det.pulse("rt-1", clock.advance(1))
-
-    assert det.take_seen() == {"rt-1": clock.now}
-
-
-def test_later_pulses_alone_pick_nothing_for_the_database(det: Detector, clock: FakeClock) -> None:
-    register_alive(det, clock)
-    det.pulse("rt-1", clock.advance(1))
-    det.take_seen()
-
-    det.pulse("rt-1", clock.advance(1))
-    det.pulse("rt-1", clock.advance(1))
-
-    assert det.take_seen() == {}
-
-
-def test_a_rearm_picks_the_last_seen_time_once(det: Detector, clock: FakeClock) -> None:
-    seen = pulsed_then_rearmed(det, clock)
-
-    assert det.take_seen() == {"rt-1": seen}
-    assert det.take_seen() == {}
-
-
-def test_a_live_runtime_is_picked_once_per_seen_every_and_never_further_behind(clock: FakeClock) -> None:
-    det = Detector(now=clock.now, seen_every=60.0)
-    register_alive(det, clock)
-    start = clock.now
-    picks: list[float] = []
-    while clock.now - start < 600:
-        det.pulse("rt-1", clock.advance(IV / 2))
-        assert det.expire(clock.now) == []
-        picks.extend(det.take_seen().values())
-
-    assert 10 <= len(picks) <= 12  # the first at the first re-arm, then one per period of 60 s
-    assert max(b - a for a, b in itertools.pairwise(picks)) <= 60 + IV + GRACE
-
-
-def test_runtimes_picked_together_are_next_picked_spread_over_the_period(clock: FakeClock) -> None:
-    det = Detector(now=clock.now, seen_every=60.0)
-    ids = [f"rt-{i}" for i in range(1000)]
-    for rid in ids:
-        register_alive(det, clock, rid)
-    first: set[str] = set()
-    second: dict[str, float] = {}
-    for step in range(1, 3000):  # 300 s; each runtime pulses every 5 s, 20 of them every 0.1 s
-        for rid in ids[step % 50 :: 50]:
-            det.pulse(rid, clock.advance(0.1 / 20))
-        assert det.expire(clock.now) == []
-        for rid in det.take_seen():
-            if rid in first:
-                second.setdefault(rid, clock.now)
-            first.add(rid)
-
-    assert len(second) == len(ids)
-    per_6_s = Counter(int(at // 6) for at in second.values())
-    assert max(per_6_s.values()) <= 400  # in waves of re-arms over the period, not all 1,000 in one
-
-
-def test_a_change_of_state_picks_its_exact_last_seen(clock: FakeClock) -> None:
-    det = Detector(now=clock.now, seen_every=3600.0)
-    pulsed_then_rearmed(det, clock)
-    det.take_seen()
-    seen = clock.advance(1)
-    det.pulse("rt-1", seen)
-
-    det.offline("rt-1", clock.advance(1))
-
-    assert det.take_seen() == {"rt-1": seen}
-
-
-def test_take_all_seen_takes_every_time_not_yet_handed_out(clock: FakeClock) -> None:
-    det = Detector(now=clock.now, seen_every=3600.0)
-    register_alive(det, clock, "a")
-    register_alive(det, clock, "b")
-    register_alive(det, clock, "never-pulsed")
-    det.pulse("a", clock.advance(1))
-    det.pulse("b", clock.advance(1))
-
-    assert det.take_all_seen() == {"a": clock.now - 1, "b": clock.now}
-    assert det.take_all_seen() == {}
-    assert det.take_seen() == {}
-
-
-def test_a_restored_last_seen_is_already_stored(det: Detector, clock: FakeClock) -> None:
-    det.restore("rt-1", interval=IV, grace=GRACE, state=ALIVE, since=1.0, last_seen=2.0, reason="pulse received")
-
-    assert det.take_all_seen() == {}
-
-
-def test_restore_seen_gives_back_unstored_times(det: Detector, clock: FakeClock) -> None:
-    pulsed_then_rearmed(det, clock)
-    taken = det.take_seen()
-
-    det.restore_seen(taken)
-
-    assert det.take_seen() == taken
-
-
-def test_restore_seen_gives_back_the_newest_times_of_runtimes_still_registered(det: Detector, clock: FakeClock) -> None:
-    register_alive(det, clock, "a")
-    register_alive(det, clock, "b")
-    det.pulse("a", clock.advance(1))
-    det.pulse("b", clock.now)
-    taken = det.take_all_seen()
-    det.pulse("a", clock.advance(1))
-    det.deregister("b")
-
-    det.restore_seen(taken)
-
-    assert det.take_seen() == {"a": clock.now}
+# --- next_deadline -------------------------------------------------------------------------------
 
 
 def test_next_deadline_is_none_when_nothing_is_watched(det: Detector, clock: FakeClock) -> None:

@@ -4,6 +4,9 @@ The model keeps, for every runtime, its state and last activity and finds
 verdicts by scanning every runtime: no heap, no laziness. Every step checks
 that the detector agrees with it, and that the model itself obeys the rules
 the detector promises (who may be dead, which events go with which changes).
+The last-seen times the detector's policy hands out for the database are
+checked against the promises the writer relies on (never older than stored,
+forced ones in the next take, given-back ones not lost, exact after a stop).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from orchestrator.detector import ALIVE, DEAD, STOPPED, UNKNOWN, Detector, NotRegistered, State, Transition
 
@@ -47,6 +50,12 @@ class Model:
         self.suspended = False
         self.stored: dict[str, float] = {}
         """The last-seen time the database holds for each runtime: the last one handed out, or restored."""
+        self.owed: dict[str, float] = {}
+        """Times the next take must hand out (this one or newer): forced by a change of state or a first
+        sign of life, or given back after a failed write."""
+
+    def owe(self, rid: str, at: float) -> None:
+        self.owed[rid] = max(at, self.owed.get(rid, at))
 
     def deadline(self, rid: str) -> float | None:
         rt = self.runtimes[rid]
@@ -69,6 +78,8 @@ class Model:
         rt = self.runtimes[rid]
         old = rt.state
         rt.state, rt.since, rt.reason = new, now, reason
+        if rt.last_seen is not None and rt.last_seen != self.stored.get(rid):
+            self.owe(rid, rt.last_seen)  # the database's row as exact as the change's
         return Transition(rid, old, new, now, rt.last_seen, reason, event)
 
     def alive(self, rid: str, now: float, reason: str) -> Transition | None:
@@ -91,6 +102,8 @@ class Model:
         rt = self.runtimes[rid]
         if session is not None and session == rt.dead_session:
             return None
+        if rt.last_seen is None:
+            self.owe(rid, now)  # a first sign of life: the database says 'never' no longer than a flush
         rt.last_seen = now
         return self.alive(rid, now, "pulse received")
 
@@ -102,6 +115,8 @@ class Model:
             rt.session = session
         if not live:
             return None
+        if rt.last_seen is None:
+            self.owe(rid, now)
         rt.last_seen = now
         return self.alive(rid, now, "connected")
 
@@ -157,6 +172,11 @@ class DetectorMachine(RuleBasedStateMachine):
         self.model = Model(self.now)
         self.used_sessions: set[int] = set()
 
+    @initialize(every=st.sampled_from([0.0, 3.0, 60.0]))
+    def choose_seen_every(self, every: float) -> None:
+        """The period of last-seen picks: at every re-arm, or on each runtime's phase."""
+        self.detector = Detector(now=self.now, seen_every=every)
+
     def agree(self, got: Transition | None, want: Transition | None) -> None:
         assert got == want, (got, want)
         check_transition(got)
@@ -202,6 +222,7 @@ class DetectorMachine(RuleBasedStateMachine):
         assert self.detector.deregister(rid) is known
         self.model.runtimes.pop(rid, None)
         self.model.stored.pop(rid, None)
+        self.model.owed.pop(rid, None)
 
     # --- messages -------------------------------------------------------------------
 
@@ -296,25 +317,46 @@ class DetectorMachine(RuleBasedStateMachine):
         self.model.watch_from = self.now
         self.model.suspended = False
 
-    def handed_out(self, seen: dict[str, float]) -> None:
-        """Times for the database: of registered runtimes, seen by then, never older than the one stored."""
+    def check_taken(self, seen: dict[str, float]) -> None:
+        """Times for the database: of registered runtimes, seen by then, never older than the one stored,
+        and every one owed among them."""
         for rid, value in seen.items():
             rt = self.model.runtimes[rid]
             assert rt.last_seen is not None, rid
             assert value <= rt.last_seen, (rid, value, rt.last_seen)
             old = self.model.stored.get(rid)
             assert old is None or value >= old, (rid, value, old)
-            self.model.stored[rid] = value
+        for rid, at in self.model.owed.items():
+            assert rid in seen, (rid, at)
+            assert seen[rid] >= at, (rid, seen[rid], at)
+
+    def handed_out(self, seen: dict[str, float]) -> None:
+        """``seen`` was taken and stored."""
+        self.check_taken(seen)
+        self.model.stored.update(seen)
+        self.model.owed.clear()
 
     @rule()
-    def take_seen(self) -> None:
-        self.handed_out(self.detector.take_seen())
+    def take(self) -> None:
+        self.handed_out(self.detector.seen.take())
 
     @rule()
-    def take_all_seen(self) -> None:
-        self.handed_out(self.detector.take_all_seen())
+    def take_all(self) -> None:
+        self.handed_out(self.detector.seen.take_all())
         for rid, rt in self.model.runtimes.items():
             assert self.model.stored.get(rid) == rt.last_seen, rid  # after a clean stop the database is exact
+
+    @rule()
+    def failed_write(self) -> None:
+        """A write of the times taken fails: they are given back, and owed, each at its runtime's newest."""
+        seen = self.detector.seen.take()
+        self.check_taken(seen)
+        self.detector.seen.give_back(seen)
+        self.model.owed.clear()
+        for rid in seen:
+            last_seen = self.model.runtimes[rid].last_seen
+            assert last_seen is not None
+            self.model.owe(rid, last_seen)
 
     # --- invariants ----------------------------------------------------------------------
 

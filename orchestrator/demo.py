@@ -67,7 +67,7 @@ async def _demo(interval: float) -> None:
                     line = await asyncio.wait_for(_readline(proc), 20)
                     _say(f"   {rid}: {line}")
                 await asyncio.sleep(interval * 1.5)
-                _say("\n" + _indent(format_table(orchestrator.rows(), now=time.time())) + "\n")
+                _say("\n" + _indent(format_table(orchestrator.overview.rows(), now=time.time())) + "\n")
 
                 _say(
                     "3. demo-b is killed with SIGKILL: the broker notices the dropped connection and publishes its will"
@@ -82,7 +82,7 @@ async def _demo(interval: float) -> None:
                 alert = await asyncio.wait_for(_alert(admin, "demo-c", "stopped"), 15)
                 _say(f"   alert: {json.dumps(alert)}")
                 await asyncio.sleep(0.2)
-                _say("\n" + _indent(format_table(orchestrator.rows(), now=time.time())) + "\n")
+                _say("\n" + _indent(format_table(orchestrator.overview.rows(), now=time.time())) + "\n")
             _say("5. Done. For real: `heartbeat-orchestrator run`; on each host")
             _say("   `heartbeat-agent --id ID --interval S --broker mqtt://HOST:1883`;")
             _say("   and `heartbeat-orchestrator status` for the table.")

@@ -1,4 +1,4 @@
-"""The pulse reader: a lean MQTT 5 connection for the hot path, in and out.
+"""The lean connection: MQTT 5 framed by a Rust codec for the hot path, in and out.
 
 Pulses are most of the traffic, and a general MQTT client spends several
 microseconds per message on objects, callbacks and futures. This connection
@@ -9,7 +9,7 @@ monotonic reading is taken per chunk read from the socket: every pulse in it
 arrived then.
 
 It also carries the orchestrator's bulk output, status documents and alerts
-(QoS 1): :meth:`PulseReader.publish` encodes PUBLISH packets with the codec,
+(QoS 1): :meth:`LeanConnection.publish` encodes PUBLISH packets with the codec,
 writes them in bursts within a bounded in-flight window, yields to the event
 loop between bursts so pulses are never starved, and returns once the broker
 has acknowledged (PUBACK) every one. A general client costs about 50 µs per
@@ -48,7 +48,7 @@ import mqtt5
 
 log = logging.getLogger("orchestrator.ingest")
 
-PulseSink = Callable[[str, bytes, float, bool], None]
+MessageSink = Callable[[str, bytes, float, bool], None]
 """Called as ``sink(topic, payload, now, retained)`` for every message, ``now`` on the monotonic clock.
 
 ``retained`` is True only for a retained copy delivered at subscribe (the
@@ -86,16 +86,16 @@ at 140,000/s, 51 bytes per segment with 10 ms (it fell behind), 158-201
 with 25 ms (``python -m bench.broker_cost``, docs/performance.md). A pulse
 is then stamped at most 25 ms late, which only ever makes a runtime look
 alive 25 ms longer. Never while our own publishes await their PUBACKs, nor
-while the watcher awaits its echo (:meth:`PulseReader.eager`): those are
+while the watcher awaits its echo (:meth:`LeanConnection.eager`): those are
 read at once. A full read means more is waiting: the next is not delayed."""
 
 
-class PulseReaderError(ConnectionError):
+class LeanConnectionError(ConnectionError):
     """The pulse connection was refused or broke; the message says why."""
 
 
 class _Batch:
-    """One :meth:`PulseReader.publish` call's publishes: done when all are written and acknowledged."""
+    """One :meth:`LeanConnection.publish` call's publishes: done when all are written and acknowledged."""
 
     __slots__ = ("acked", "done", "refused", "sent", "written")
 
@@ -108,7 +108,7 @@ class _Batch:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, sink: PulseSink, request_sink: RequestSink | None = None) -> None:
+    def __init__(self, sink: MessageSink, request_sink: RequestSink | None = None) -> None:
         self.sink = sink
         self.request_sink = request_sink
         self.transport: asyncio.Transport | None = None
@@ -126,7 +126,7 @@ class _Protocol(asyncio.Protocol):
         """A publisher waiting for the window to open."""
         self.last_id = 0
         self.eager = 0
-        """While above 0, reads are not delayed (see :meth:`PulseReader.eager`)."""
+        """While above 0, reads are not delayed (see :meth:`LeanConnection.eager`)."""
         self.full_read = _FULL_READ
         """The most one read returns: a read this big did not empty the socket."""
 
@@ -232,7 +232,7 @@ class _Protocol(asyncio.Protocol):
             log.warning("pulse connection: broker disconnected us (%s)", packet.reason_code.name)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        error = PulseReaderError(f"connection closed: {exc or 'by the broker'}")
+        error = LeanConnectionError(f"connection closed: {exc or 'by the broker'}")
         for future in (self.connack, self.suback):
             if not future.done():
                 future.set_exception(error)
@@ -250,10 +250,10 @@ class _Protocol(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-class PulseReader:
+class LeanConnection:
     """One connection's life: connect, subscribe, read until it breaks.
 
-    ``async with PulseReader(...) as reader: await reader.closed`` — the caller
+    ``async with LeanConnection(...) as reader: await reader.closed`` — the caller
     owns reconnecting, so it can stop judging while pulses cannot arrive.
     """
 
@@ -263,7 +263,7 @@ class PulseReader:
         host: str,
         port: int,
         topic_filters: list[str],
-        sink: PulseSink,
+        sink: MessageSink,
         client_id: str,
         request_sink: RequestSink | None = None,
         username: str | None = None,
@@ -290,7 +290,7 @@ class PulseReader:
     def received(self) -> int:
         return self._protocol.received if self._protocol else 0
 
-    async def __aenter__(self) -> PulseReader:
+    async def __aenter__(self) -> LeanConnection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._timeout):
@@ -310,7 +310,7 @@ class PulseReader:
                 )
                 connack = await protocol.connack
                 if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
-                    raise PulseReaderError(f"broker refused the pulse connection: {connack.reason_code.name}")
+                    raise LeanConnectionError(f"broker refused the pulse connection: {connack.reason_code.name}")
                 protocol.window = max(1, min(self._max_inflight, connack.receive_max or 65535))
                 filters = [
                     mqtt5.TopicFilter(f, max_qos=mqtt5.QoS.AT_MOST_ONCE, retain_as_published=False)
@@ -319,10 +319,10 @@ class PulseReader:
                 protocol.transport.write(mqtt5.SubscribePacket(1, filters).write())
                 suback = await protocol.suback
                 if suback.reason_codes != [mqtt5.SubAckReasonCode.GRANTED_QOS_AT_MOST_ONCE] * len(filters):
-                    raise PulseReaderError(f"broker refused the pulse subscription: {suback.reason_codes}")
+                    raise LeanConnectionError(f"broker refused the pulse subscription: {suback.reason_codes}")
         except (OSError, TimeoutError) as exc:
             self._abort()
-            raise PulseReaderError(f"cannot open the pulse connection: {exc or 'timed out'}") from None
+            raise LeanConnectionError(f"cannot open the pulse connection: {exc or 'timed out'}") from None
         except BaseException:
             self._abort()
             raise
@@ -330,10 +330,10 @@ class PulseReader:
         return self
 
     def _open(self) -> tuple[_Protocol, asyncio.Transport]:
-        """The live connection's protocol and transport; raises :class:`PulseReaderError` if it is closed."""
+        """The live connection's protocol and transport; raises :class:`LeanConnectionError` if it is closed."""
         protocol = self._protocol
         if protocol is None or protocol.transport is None or protocol.transport.is_closing():
-            raise PulseReaderError("the pulse connection is closed")
+            raise LeanConnectionError("the pulse connection is closed")
         return protocol, protocol.transport
 
     async def publish(self, messages: Iterable[Message], *, burst: int = _BURST) -> int:
@@ -344,7 +344,7 @@ class PulseReader:
         (fewer when the in-flight window is full), and the event loop runs
         between bursts. Returns how many the broker refused (a PUBACK reason
         code of 0x80 or more, e.g. not authorised; not retried). Raises
-        :class:`PulseReaderError` if the connection breaks first: the caller
+        :class:`LeanConnectionError` if the connection breaks first: the caller
         then still owns every message of the call.
         """
         protocol, transport = self._open()
@@ -372,7 +372,7 @@ class PulseReader:
                 exhausted = True
             if chunk:
                 if transport.is_closing():
-                    raise PulseReaderError("the pulse connection closed while publishing")
+                    raise LeanConnectionError("the pulse connection closed while publishing")
                 transport.write(b"".join(chunk))
                 chunk.clear()
                 protocol.resume_reading()  # their PUBACKs are read at once, not after a coalescing pause
@@ -391,7 +391,7 @@ class PulseReader:
 
         Nothing is acknowledged, so nothing is waited for and no in-flight
         window applies (Mosquitto's is 20 for QoS 1). Raises
-        :class:`PulseReaderError` if the connection is or becomes closed.
+        :class:`LeanConnectionError` if the connection is or becomes closed.
         """
         _, transport = self._open()
         encode = mqtt5.PublishPacket
@@ -403,7 +403,7 @@ class PulseReader:
                 chunk.clear()
                 await asyncio.sleep(0)
                 if transport.is_closing():
-                    raise PulseReaderError("the pulse connection closed while publishing")
+                    raise LeanConnectionError("the pulse connection closed while publishing")
         if chunk:
             transport.write(b"".join(chunk))
 

@@ -446,14 +446,6 @@ class Store:
         self.transactions += 1
         return sorted(rows, key=lambda f: f.at)
 
-    def mark_notified(self, keys: Sequence[tuple[str, float]], when: float) -> None:
-        """Record that the flips ``(runtime_id, at)`` have been notified on every channel."""
-        if not keys:
-            return
-        with self.db.atomic():
-            self._mark_notified(keys, when)
-        self.transactions += 1
-
     def _mark_notified(self, keys: Sequence[tuple[str, float]], when: float) -> None:
         for chunk in peewee.chunked(keys, CHUNK):
             values = peewee.ValuesList(list(chunk)).cte("v", columns=("rid", "at"))

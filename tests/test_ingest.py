@@ -1,4 +1,4 @@
-"""The pulse reader's protocol on its own: framing and read coalescing, with a fake transport."""
+"""The lean connection's protocol on its own: framing and read coalescing, with a fake transport."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import mqtt5
 import pytest
 
 from orchestrator import ingest
-from orchestrator.ingest import PulseReader, _Batch, _Protocol
+from orchestrator.ingest import LeanConnection, _Batch, _Protocol
 
 
 class FakeTransport(asyncio.Transport):
@@ -128,7 +128,7 @@ def test_reading_is_not_paused_while_an_answer_is_awaited(condition: Callable[[_
 def test_turning_eager_resumes_a_paused_read_at_once_and_pauses_again_after() -> None:
     async def check() -> None:
         protocol, transport, _ = connected()
-        reader = PulseReader(host="127.0.0.1", port=1, topic_filters=[], sink=protocol.sink, client_id="t")
+        reader = LeanConnection(host="127.0.0.1", port=1, topic_filters=[], sink=protocol.sink, client_id="t")
         reader._protocol = protocol
         protocol.data_received(pulse_packets(2))
         assert not transport.reading
@@ -146,7 +146,7 @@ def test_publishing_resumes_a_paused_read_so_acknowledgements_come_at_once() -> 
     async def check() -> None:
         protocol, transport, _ = connected()
         protocol.window = 20
-        reader = PulseReader(host="127.0.0.1", port=1, topic_filters=[], sink=protocol.sink, client_id="t")
+        reader = LeanConnection(host="127.0.0.1", port=1, topic_filters=[], sink=protocol.sink, client_id="t")
         reader._protocol = protocol
         protocol.data_received(pulse_packets(2))
         assert not transport.reading

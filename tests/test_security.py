@@ -478,7 +478,7 @@ def test_orchestrator_and_agent_with_passwords(
 
 
 def test_orchestrator_and_agent_with_client_certificates(tmp_path: Path, pki: Pki, clients: list[Client]) -> None:
-    """Certificates only, both orchestrator connections included (the lean pulse reader has its own SSLContext)."""
+    """Certificates only, both orchestrator connections included (the lean connection has its own SSLContext)."""
     directory = tmp_path / "mosquitto"
     directory.mkdir()
     _install_pki(directory, pki)

@@ -1,4 +1,4 @@
-"""Orchestrator.handle(): how each incoming message is routed, counted or rejected, without a broker.
+"""The intake's handle(): how each incoming message is routed, counted or rejected, without a broker.
 
 Messages are handed to ``handle()`` directly, inside an event loop of the
 test's own (``asyncio.run``). Registration through the interval topic needs
@@ -19,8 +19,11 @@ import pytest
 
 from orchestrator.config import Config
 from orchestrator.detector import State, Transition
-from orchestrator.service import Orchestrator, _FlipQueue
+from orchestrator.outbox import flip_rows, log_events
+from orchestrator.service import Orchestrator
+from orchestrator.statuses import Refresher
 from orchestrator.store import CHUNK, FlipRow, Store
+from orchestrator.writer import FlipQueue
 from runtime_agent import protocol
 
 TOPICS = protocol.Topics()
@@ -50,9 +53,9 @@ def deliver(orchestrator: Orchestrator, *messages: tuple[str, bytes, bool], link
 
     async def handle_all() -> None:
         for topic, payload, retained in messages:
-            orchestrator.handle(topic, payload, retained)
+            orchestrator.intake.handle(topic, payload, retained)
         if link_ok:
-            orchestrator.apply_wills()
+            orchestrator.watch.apply_wills()
 
     asyncio.run(handle_all())
 
@@ -109,7 +112,7 @@ def test_well_formed_pulse_refreshes_last_seen(orchestrator: Orchestrator, regis
 
 def test_well_formed_pulse_is_counted_as_a_pulse(orchestrator: Orchestrator, registered: str) -> None:
     deliver(orchestrator, (TOPICS.pulse(registered), b"", False), (TOPICS.pulse(registered), b"", False))
-    assert orchestrator.pulses == 2
+    assert orchestrator.intake.pulses == 2
     assert rejections(orchestrator) == {}
 
 
@@ -230,12 +233,12 @@ def birth_then_registration(orchestrator: Orchestrator, *wills: bytes) -> State:
 
     async def scenario() -> State:
         async with running(orchestrator):
-            orchestrator.handle(TOPICS.state("rt-new"), protocol.encode_state("online", SESSION), False)
-            orchestrator.handle(TOPICS.interval("rt-new"), protocol.encode_interval(30.0), False)
+            orchestrator.intake.handle(TOPICS.state("rt-new"), protocol.encode_state("online", SESSION), False)
+            orchestrator.intake.handle(TOPICS.interval("rt-new"), protocol.encode_interval(30.0), False)
             await until(lambda: "rt-new" in orchestrator.detector)
             for will in wills:
-                orchestrator.handle(TOPICS.state("rt-new"), will, False)
-            orchestrator.apply_wills()  # as the watcher does once its echo returns
+                orchestrator.intake.handle(TOPICS.state("rt-new"), will, False)
+            orchestrator.watch.apply_wills()  # as the watcher does once its echo returns
             return orchestrator.detector.view("rt-new").state
 
     return asyncio.run(asyncio.wait_for(scenario(), 20))
@@ -279,7 +282,7 @@ def register_all(orchestrator: Orchestrator, requests: list[tuple[str, bytes]]) 
     async def scenario() -> None:
         async with running(orchestrator):
             for rid, payload in requests:
-                orchestrator.handle(TOPICS.interval(rid), payload, False)
+                orchestrator.intake.handle(TOPICS.interval(rid), payload, False)
             decided = lambda: orchestrator.stats["registrations"] + sum(rejections(orchestrator).values())  # noqa: E731
             await until(lambda: decided() == len(requests))
 
@@ -298,7 +301,7 @@ def test_a_batch_is_in_the_detector_before_its_first_reply_goes_out(
         registered_when_replying.append(sum(rid in orchestrator.detector for rid in ids))
         await asyncio.sleep(0.01)
 
-    monkeypatch.setattr(orchestrator, "_send_replies", slow_replies)
+    monkeypatch.setattr(orchestrator.registrar, "send_replies", slow_replies)
     register_all(orchestrator, [(rid, protocol.encode_interval(5.0)) for rid in ids])
     assert registered_when_replying
     assert set(registered_when_replying) == {len(ids)}
@@ -317,13 +320,13 @@ def test_the_next_batch_is_applied_while_the_replies_of_the_last_are_still_going
         replying.set()
         await release.wait()
 
-    monkeypatch.setattr(orchestrator, "_send_replies", stuck_replies)
+    monkeypatch.setattr(orchestrator.registrar, "send_replies", stuck_replies)
 
     async def scenario() -> None:
         async with running(orchestrator):
-            orchestrator.handle(TOPICS.interval("rt-first"), protocol.encode_interval(5.0), False)
+            orchestrator.intake.handle(TOPICS.interval("rt-first"), protocol.encode_interval(5.0), False)
             await replying.wait()
-            orchestrator.handle(TOPICS.interval("rt-second"), protocol.encode_interval(5.0), False)
+            orchestrator.intake.handle(TOPICS.interval("rt-second"), protocol.encode_interval(5.0), False)
             await until(lambda: "rt-second" in orchestrator.detector)
             registered_while_replying.append(not release.is_set())
             release.set()
@@ -360,7 +363,7 @@ def test_messages_discarded_from_a_full_queue_are_counted_and_logged_at_most_eve
     with caplog.at_level(logging.WARNING, logger=mqtt_log.name):
         for _ in range(500):
             mqtt_log.warning("Message queue is full. Discarding message.")
-    assert orchestrator.counters()["dropped"] == {"queue_full": 500}
+    assert orchestrator.overview.counters()["dropped"] == {"queue_full": 500}
     assert len([r for r in caplog.records if "incoming queue full" in r.getMessage()]) == 1
 
 
@@ -399,8 +402,8 @@ def stored_last_seen(orchestrator: Orchestrator) -> int:
 
 
 def test_a_flush_without_alerts_is_one_transaction(orchestrator: Orchestrator, pulsed: list[str]) -> None:
-    orchestrator._flush_seen = True
-    assert asyncio.run(orchestrator._write_once())
+    orchestrator.writer.flush_seen()
+    assert asyncio.run(orchestrator.writer.write_once())
     assert orchestrator.store.transactions == 1
     assert stored_last_seen(orchestrator) == len(pulsed)
 
@@ -409,12 +412,12 @@ def test_pulses_after_the_first_wait_for_a_rearm_before_the_database_has_them(or
     register_everywhere(orchestrator, ["rt-1"], time.monotonic())
     first = time.monotonic()
     orchestrator.detector.pulse("rt-1", first)
-    orchestrator._flush_seen = True
-    assert asyncio.run(orchestrator._write_once())
+    orchestrator.writer.flush_seen()
+    assert asyncio.run(orchestrator.writer.write_once())
     orchestrator.detector.pulse("rt-1", first + 1)
-    orchestrator._flush_seen = True
+    orchestrator.writer.flush_seen()
 
-    assert asyncio.run(orchestrator._write_once())
+    assert asyncio.run(orchestrator.writer.write_once())
 
     (row,) = orchestrator.store.load()
     assert row.last_seen == pytest.approx(orchestrator.clock.wall(first), abs=1e-3)
@@ -428,7 +431,7 @@ def test_a_clean_stop_stores_every_last_seen_time_not_yet_stored(orchestrator: O
         orchestrator.detector.pulse(rid, now + 1)  # a first pulse is picked at once,
         orchestrator.detector.pulse(rid, now + 2)  # a later one only at a re-arm: the stop must store it
 
-    asyncio.run(orchestrator._final_flush())
+    asyncio.run(orchestrator.writer.final_flush())
 
     reopened = Store(sqlite_url)
     reopened.open()
@@ -446,7 +449,7 @@ def alert_arrives_during_the_first_chunk(orchestrator: Orchestrator, monkeypatch
 
     def update_then_alert(*args: Any) -> None:
         update_from(*args)
-        orchestrator._pending_flips.alert_waiting.set()
+        orchestrator.writer.pending.alert_waiting.set()
 
     monkeypatch.setattr(orchestrator.store, "_update_from", update_then_alert)
 
@@ -455,34 +458,33 @@ def test_a_flush_commits_at_the_next_chunk_once_an_alert_waits(
     orchestrator: Orchestrator, pulsed: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alert_arrives_during_the_first_chunk(orchestrator, monkeypatch)
-    orchestrator._flush_seen = True
-    assert asyncio.run(orchestrator._write_once())
+    orchestrator.writer.flush_seen()
+    assert asyncio.run(orchestrator.writer.write_once())
     assert orchestrator.store.transactions == 1
     assert stored_last_seen(orchestrator) == CHUNK
-    assert orchestrator._writer_wake.is_set()  # the rest of the flush is still to come
+    assert orchestrator.writer.flushing  # the rest of the flush is still to come
 
 
 def test_an_alerts_flips_are_written_alone_then_the_flush_goes_on(
     orchestrator: Orchestrator, pulsed: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alert_arrives_during_the_first_chunk(orchestrator, monkeypatch)
-    orchestrator._flush_seen = True
+    orchestrator.writer.flush_seen()
 
     async def flush_with_an_alert() -> None:
-        await orchestrator._write_once()
+        await orchestrator.writer.write_once()
         deaths = orchestrator.detector.expire(time.monotonic() + 60)[:1]
-        orchestrator._submit_flips(deaths)
-        committed = orchestrator._flip_waiters[-1]
-        await orchestrator._write_once()
+        committed = orchestrator.writer.submit(flip_rows(deaths, orchestrator.clock))
+        await orchestrator.writer.write_once()
         assert committed.done()
         assert stored_last_seen(orchestrator) == CHUNK  # the alert's transaction carried no flush rows
         assert orchestrator.store.history(deaths[0].runtime_id)[0].new_state == "dead"
         for _ in range(FLUSHED // CHUNK):  # the rest, a chunk a transaction (an alert "waits" after every chunk)
-            await orchestrator._write_once()
+            await orchestrator.writer.write_once()
 
     asyncio.run(flush_with_an_alert())
     assert stored_last_seen(orchestrator) == len(pulsed)
-    assert orchestrator._seen_backlog is None
+    assert not orchestrator.writer.flushing
 
 
 # --- own stalls ------------------------------------------------------------------
@@ -492,9 +494,9 @@ def sentinel_after(orchestrator: Orchestrator, stall: float) -> None:
     """Run the stall sentinel once, as if the event loop had been deaf for ``stall`` seconds."""
 
     async def late() -> None:
-        orchestrator._sentinel(time.monotonic() - stall)
-        assert orchestrator._sentinel_timer is not None
-        orchestrator._sentinel_timer.cancel()
+        orchestrator.watch.sentinel(time.monotonic() - stall)
+        assert orchestrator.watch.watching_stalls
+        orchestrator.watch.stop_sentinel()
 
     asyncio.run(late())
 
@@ -549,7 +551,7 @@ def test_a_stall_while_cut_off_from_the_broker_keeps_the_detector_suspended(
 def test_a_blocked_event_loop_is_noticed_whatever_the_watcher_was_doing(orchestrator: Orchestrator) -> None:
     async def block_the_loop() -> None:
         async with running(orchestrator):
-            await until(lambda: orchestrator._sentinel_timer is not None)
+            await until(lambda: orchestrator.watch.watching_stalls)
             time.sleep(1.5)  # noqa: ASYNC251 - the point: deaf for over stall_threshold (1 s), as under SIGSTOP
             await asyncio.sleep(0.01)
 
@@ -568,32 +570,32 @@ def flip(runtime_id: str, new: str, at: float) -> FlipRow:
 
 
 @pytest.fixture
-def wave() -> _FlipQueue:
+def wave() -> FlipQueue:
     """A queue holding the unknown -> alive flips of rt-0 .. rt-4999, in that order."""
-    queue = _FlipQueue()
+    queue = FlipQueue()
     queue.extend(flip(f"rt-{i}", "alive", i) for i in range(5000))
     return queue
 
 
-def test_flips_are_taken_in_order_of_arrival_up_to_the_limit(wave: _FlipQueue) -> None:
+def test_flips_are_taken_in_order_of_arrival_up_to_the_limit(wave: FlipQueue) -> None:
     taken = wave.take(1000)
     assert [f.runtime_id for f in taken] == [f"rt-{i}" for i in range(1000)]
     assert len(wave) == 4000
 
 
-def test_a_runtime_with_an_alert_goes_alone_with_all_its_flips_in_order(wave: _FlipQueue) -> None:
+def test_a_runtime_with_an_alert_goes_alone_with_all_its_flips_in_order(wave: FlipQueue) -> None:
     wave.extend([flip("rt-4000", "dead", 9000)])
     taken = wave.take(1000)
     assert [(f.runtime_id, f.new_state) for f in taken] == [("rt-4000", "alive"), ("rt-4000", "dead")]
 
 
-def test_the_wave_goes_on_in_order_after_an_alerts_flips(wave: _FlipQueue) -> None:
+def test_the_wave_goes_on_in_order_after_an_alerts_flips(wave: FlipQueue) -> None:
     wave.extend([flip("rt-4000", "dead", 9000)])
     wave.take(1000)
     assert [f.runtime_id for f in wave.take(1000)] == [f"rt-{i}" for i in range(1000)]
 
 
-def test_a_runtime_taken_early_is_not_taken_again_when_its_turn_comes(wave: _FlipQueue) -> None:
+def test_a_runtime_taken_early_is_not_taken_again_when_its_turn_comes(wave: FlipQueue) -> None:
     wave.extend([flip("rt-10", "dead", 9000)])
     everything = wave.take(1000) + wave.take(None)
     assert len(everything) == 5001
@@ -601,7 +603,7 @@ def test_a_runtime_taken_early_is_not_taken_again_when_its_turn_comes(wave: _Fli
     assert [f.new_state for f in everything if f.runtime_id == "rt-10"] == ["alive", "dead"]
 
 
-def test_flips_put_back_come_before_those_queued_since(wave: _FlipQueue) -> None:
+def test_flips_put_back_come_before_those_queued_since(wave: FlipQueue) -> None:
     taken = wave.take(2)
     wave.extend([flip("rt-0", "dead", 9000)])
     wave.put_back(taken)
@@ -611,7 +613,7 @@ def test_flips_put_back_come_before_those_queued_since(wave: _FlipQueue) -> None
     assert len(wave) + len(again) + 1 == 5001
 
 
-def test_an_alert_waits_from_its_flip_queued_or_put_back_until_taken(wave: _FlipQueue) -> None:
+def test_an_alert_waits_from_its_flip_queued_or_put_back_until_taken(wave: FlipQueue) -> None:
     assert not wave.alert_waiting.is_set()
     wave.extend([flip("rt-0", "dead", 9000)])
     assert wave.alert_waiting.is_set()
@@ -630,13 +632,13 @@ def deaths(n: int) -> list[Transition]:
 
 def test_a_few_deaths_are_logged_a_line_each(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="orchestrator"):
-        Orchestrator._log_events(deaths(3))
+        log_events(deaths(3))
     assert [r.getMessage() for r in caplog.records] == [f"rt-{i} is dead: connection lost" for i in range(3)]
 
 
 def test_a_storm_of_deaths_is_logged_as_twenty_lines_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="orchestrator"):
-        Orchestrator._log_events(deaths(10_000))
+        log_events(deaths(10_000))
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 21
     assert messages[-1].startswith("... and 9980 more runtimes dead")
@@ -645,31 +647,32 @@ def test_a_storm_of_deaths_is_logged_as_twenty_lines_and_a_count(caplog: pytest.
 def test_transitions_without_an_event_are_not_logged(caplog: pytest.LogCaptureFixture) -> None:
     wave = [Transition(f"rt-{i}", State.UNKNOWN, State.ALIVE, 1.0, 1.0, "pulse received", None) for i in range(50)]
     with caplog.at_level(logging.DEBUG, logger="orchestrator"):
-        Orchestrator._log_events(wave)
+        log_events(wave)
     assert caplog.records == []
 
 
 def test_the_status_refresh_waits_while_verdicts_are_being_published(
-    orchestrator: Orchestrator, registered: str, monkeypatch: pytest.MonkeyPatch
+    orchestrator: Orchestrator, registered: str
 ) -> None:
     """A mass death during the paced refresh after a start must not share the link with 100,000 statuses."""
     sent: list[list[str]] = []
 
-    async def send(client: object, messages: Any) -> None:
-        sent.append([topic for topic, _, _ in messages])
+    class Link:
+        connected = True
 
-    monkeypatch.setattr(orchestrator, "_send", send)
+        async def send(self, messages: Any) -> None:
+            sent.append([topic for topic, _, _ in messages])
 
     async def scenario() -> None:
-        orchestrator._client = object()  # type: ignore[assignment]
-        orchestrator._publisher_idle.clear()  # the publisher has verdicts in hand
-        orchestrator._refresh_later(registered)
-        refresher = asyncio.create_task(orchestrator._refresher())
+        idle = asyncio.Event()  # clear: the outbox has verdicts in hand
+        refresher = Refresher(statuses=orchestrator.statuses, link=Link(), idle=idle.wait)
+        refresher.later(registered)
+        task = asyncio.create_task(refresher.run())
         await asyncio.sleep(0.1)
         assert sent == []
-        orchestrator._publisher_idle.set()
+        idle.set()
         await asyncio.sleep(0.1)
-        refresher.cancel()
+        task.cancel()
         assert sent == [[TOPICS.status(registered)]]
 
     asyncio.run(asyncio.wait_for(scenario(), 10))

@@ -405,7 +405,7 @@ def test_a_notified_flip_is_never_owed(store: Store) -> None:
     store.register([("rt-a", 1.0, 1.0)], T0)
     dead = flip("rt-a", "unknown", "dead", T0 + 1, event="dead")
     store.record([dead], {}, now=T0, lease=0)
-    store.mark_notified([dead.key], T0 + 2)
+    store.record([], {}, now=T0 + 2, notified=[dead.key])
     assert store.claim_unnotified(T0 + 100) == []
 
 

@@ -434,14 +434,14 @@ def _stop(orchestrator: Orchestrator, runtime_id: str) -> None:
 
     async def deliver() -> None:
         topic = protocol.Topics().state(runtime_id)
-        orchestrator.handle(topic, protocol.encode_state("stopped"), False)
+        orchestrator.intake.handle(topic, protocol.encode_state("stopped"), False)
 
     asyncio.run(deliver())
 
 
 def test_orchestrator_calls_its_listeners_with_each_transition(orchestrator: Orchestrator) -> None:
     seen: list[Transition] = []
-    orchestrator.listeners.append(seen.append)
+    orchestrator.overview.listeners.append(seen.append)
     _stop(orchestrator, "rt-1")
     assert [(t.runtime_id, t.new) for t in seen] == [("rt-1", State.STOPPED)]
 
@@ -451,19 +451,19 @@ def test_a_failing_listener_neither_stops_judging_nor_the_other_listeners(orches
         raise RuntimeError("boom")
 
     seen: list[Transition] = []
-    orchestrator.listeners += [broken, seen.append]
+    orchestrator.overview.listeners += [broken, seen.append]
     _stop(orchestrator, "rt-1")
     assert (orchestrator.detector.view("rt-1").state, len(seen)) == (State.STOPPED, 1)
 
 
 def test_orchestrator_runtime_is_its_status_object(orchestrator: Orchestrator) -> None:
-    status = orchestrator.runtime("rt-1")
+    status = orchestrator.overview.runtime("rt-1")
     assert status is not None
-    assert status == orchestrator.runtimes()[0]
+    assert status == orchestrator.overview.runtimes()[0]
 
 
 def test_orchestrator_runtime_of_an_unknown_id_is_none(orchestrator: Orchestrator) -> None:
-    assert orchestrator.runtime("nobody") is None
+    assert orchestrator.overview.runtime("nobody") is None
 
 
 # --- a real orchestrator ---------------------------------------------------------------------

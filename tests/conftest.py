@@ -16,6 +16,7 @@ import pytest
 
 from bench.processes import PG_ADMIN_DEFAULT, scratch_database
 
+from .fakeclock import clock, det  # noqa: F401 - fixtures for the pure modules' tests
 from .harness import Deployment, MosquittoBroker, start_mosquitto
 from .webhook import Hook
 

@@ -227,6 +227,15 @@ def logged_delays(caplog: pytest.LogCaptureFixture, url: str) -> list[float]:
     return delays
 
 
+def assert_apart(caplog: pytest.LogCaptureFixture, urls: list[str]) -> None:
+    """The first three retry delays the two agents logged are jittered, and not the same sequence."""
+    first, second = (logged_delays(caplog, url)[:3] for url in urls)
+    assert len(first) == len(second) == 3, caplog.text
+    assert_jittered(first, 0.1, 0.4)
+    assert_jittered(second, 0.1, 0.4)
+    assert first != second
+
+
 def assert_jittered(delays: list[float], first: float, cap: float) -> None:
     """Each delay is 0.5-1.5 times ``first`` doubling up to ``cap`` (logged to 3 digits), and not exactly that."""
     bases = [min(first * 2**n, cap) for n in range(len(delays))]
@@ -626,11 +635,7 @@ def test_agents_started_together_retry_their_first_connection_apart(
             return await asyncio.gather(*starts, return_exceptions=True)
 
         assert all(isinstance(result, ConnectError) for result in asyncio.run(start_both()))
-    first, second = (logged_delays(caplog, url)[:3] for url in urls)
-    assert len(first) == len(second) == 3, caplog.text
-    assert_jittered(first, 0.1, 0.4)
-    assert_jittered(second, 0.1, 0.4)
-    assert first != second
+    assert_apart(caplog, urls)
 
 
 @pytest.mark.timeout(30)
@@ -675,11 +680,7 @@ def test_agents_that_lost_the_broker_together_reconnect_apart(
                     await agent.stop()
 
         asyncio.run(scenario())
-    first, second = (logged_delays(caplog, url)[:3] for url in urls)
-    assert len(first) == len(second) == 3, caplog.text
-    assert_jittered(first, 0.1, 0.4)
-    assert_jittered(second, 0.1, 0.4)
-    assert first != second
+    assert_apart(caplog, urls)
 
 
 @pytest.mark.timeout(20)

@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 
 from orchestrator.detector import ALIVE, DEAD, STOPPED, UNKNOWN, Detector, NotRegistered, Transition
 
+from .fakeclock import FakeClock
+
 EPS = 1e-6
 IV = 10.0
 GRACE = 5.0
-
-
-@dataclass
-class FakeClock:
-    """A plain float ``now`` that only moves when the test says so."""
-
-    now: float = 1000.0
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def det(clock: FakeClock) -> Detector:
-    return Detector(now=clock.now)
 
 
 def register_alive(det: Detector, clock: FakeClock, rid: str = "rt-1", iv: float = IV, grace: float = GRACE) -> None:

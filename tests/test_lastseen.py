@@ -25,6 +25,8 @@ import pytest
 from orchestrator.detector import ALIVE, DEAD, STOPPED, UNKNOWN, Detector
 from orchestrator.lastseen import PHASES, LastSeen, phase_index
 
+from .fakeclock import FakeClock
+
 EVERY = 60.0
 IV = 10.0
 GRACE = 5.0
@@ -433,25 +435,6 @@ def test_given_back_times_go_out_with_take_all_too() -> None:
 
 
 # --- fed by the detector -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeClock:
-    now: float = 1000.0
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def det(clock: FakeClock) -> Detector:
-    return Detector(now=clock.now)
 
 
 def register_alive(det: Detector, clock: FakeClock, rid: str = "rt-1") -> None:

@@ -4,8 +4,8 @@ The service hands notices to :meth:`Dispatcher.submit`, which never waits:
 it decides what to send (silences, storm control) and queues one job per
 matching route. Each route has its own queue and task, so a slow or broken
 channel delays nobody but itself. The decisions that need no I/O live in
-:class:`StormGate` and :class:`orchestrator.silence.SilenceBook`, tested on a
-fake clock.
+:mod:`orchestrator.storm` and :class:`orchestrator.silence.SilenceBook`,
+tested on a fake clock.
 """
 
 from __future__ import annotations
@@ -16,173 +16,23 @@ import dataclasses
 import fnmatch
 import heapq
 import logging
-import math
-import random
 import re
 import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from runtime_agent.backoff import backoff_delays
 from runtime_agent.protocol import iso
 
 from .notify import EVENTS, Notice, Notifier, NotifyError, ShellNotifier, channel_from_url
 from .silence import Silence, SilenceBook, is_glob
+from .storm import OWN, Emission, RetryPolicy, StormGate, StormPolicy
 
 if TYPE_CHECKING:
     from .config import Config
 
 log = logging.getLogger(__name__)
-
-_OWN: Final = object()
-"""The key of notices the dispatcher makes itself (reminders, silence ends): nobody's outbox row."""
-
-
-@dataclass(frozen=True, slots=True)
-class StormPolicy:
-    """When many runtimes change at once, one summary instead of one notice each.
-
-    A storm is more than ``count`` runtimes, or more than ``share`` of the
-    population (but never ``floor`` or fewer), within ``window`` seconds.
-    ``window`` 0 turns storm control off.
-    """
-
-    window: float = 10.0
-    count: int = 20
-    share: float = 0.1
-    max_ids: int = 20
-    floor: int = 2
-
-    def limit(self, population: int) -> int:
-        """The most runtimes that may change within the window without it being a storm."""
-        return min(self.count, max(math.floor(self.share * population), self.floor))
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """``attempts`` tries per notice and channel, ``base * 2**n`` seconds apart (times 1 ± ``jitter``), at most ``max``.
-
-    The jitter is that of every reconnect loop
-    (:func:`runtime_agent.backoff.backoff_delays`): when an endpoint that
-    several routes share goes down, their notices fail together and would
-    otherwise all retry at the same instants. ``rng`` is for tests (a seeded
-    ``random.Random().random``). ``attempt_timeout`` bounds one attempt even
-    if a channel forgets to.
-    """
-
-    attempts: int = 5
-    base: float = 1.0
-    max: float = 60.0
-    attempt_timeout: float = 120.0
-    jitter: float = 0.5
-    rng: Callable[[], float] = field(default=random.random, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self.delays()  # bad numbers fail here, not at a lane's first retry
-
-    def delays(self) -> Iterator[float]:
-        """The waits after each failed attempt of one notice (a fresh sequence per notice), never above ``max``."""
-        return (min(delay, self.max) for delay in backoff_delays(self.base, self.max, jitter=self.jitter, rng=self.rng))
-
-    def wait(self, delay: float, retry_after: float | None = None) -> float:
-        """``delay`` (from :meth:`delays`), or longer if the channel asked for it (``Retry-After``), up to ``max``."""
-        return delay if retry_after is None else max(delay, min(retry_after, self.max))
-
-
-@dataclass(frozen=True, slots=True)
-class Emission:
-    """A notice to route, the submitted notices it answers for, and every runtime of a group notice."""
-
-    notice: Notice
-    covers: tuple[Notice, ...]
-    members: tuple[str, ...] = ()
-
-
-class StormGate:
-    """Decides, per batch, between one notice per runtime and one summary for the lot.
-
-    Below the limit every notice passes at once (no added latency). The batch
-    that crosses it is replaced by one summary naming everyone in the window
-    (including those already reported one by one). While the storm lasts,
-    later notices are gathered into at most one update per window; the storm
-    ends after a window with no new notice.
-    """
-
-    def __init__(self, policy: StormPolicy, summary_event: str, verb: str) -> None:
-        self.policy = policy
-        self.summary_event = summary_event
-        self.verb = verb
-        self._recent: OrderedDict[str, float] = OrderedDict()  # runtime -> time of its latest notice
-        self._storm = False
-        self._last_notice = -math.inf
-        self._last_summary = -math.inf
-        self._absorbed: list[Notice] = []
-
-    @property
-    def in_storm(self) -> bool:
-        return self._storm
-
-    def admit(self, notices: Sequence[Notice], now: float, population: int) -> tuple[bool, list[Emission]]:
-        """``(absorbed, emissions)``: if absorbed, send ``emissions`` instead of ``notices``.
-
-        When not absorbed, ``notices`` go out one by one and ``emissions`` may
-        still hold a due update of an earlier storm.
-        """
-        due = self.poll(now)
-        emissions = [due] if due is not None else []
-        if not notices or self.policy.window <= 0:
-            return False, emissions
-        horizon = now - self.policy.window
-        while self._recent and next(iter(self._recent.values())) <= horizon:
-            self._recent.popitem(last=False)
-        for notice in notices:
-            assert notice.runtime_id is not None
-            self._recent[notice.runtime_id] = now
-            self._recent.move_to_end(notice.runtime_id)
-        self._last_notice = now
-        if self._storm:
-            self._absorbed.extend(notices)
-            return True, emissions
-        limit = self.policy.limit(population)
-        if len(self._recent) <= limit:
-            return False, emissions
-        self._storm = True
-        self._last_summary = now
-        members = tuple(self._recent)
-        reason = f"more than {limit} runtimes {self.verb} within {self.policy.window:g} s"
-        emissions.append(Emission(self._summary(now, members, reason), tuple(notices), members))
-        return True, emissions
-
-    def poll(self, now: float) -> Emission | None:
-        """The storm's update, once a window after the last summary, if anything was gathered since."""
-        if not self._storm:
-            return None
-        if self._absorbed and now >= self._last_summary + self.policy.window:
-            absorbed, self._absorbed = self._absorbed, []
-            self._last_summary = now
-            members = tuple(dict.fromkeys(n.runtime_id for n in absorbed if n.runtime_id is not None))
-            reason = f"more runtimes {self.verb} since the last {self.summary_event} notice"
-            return Emission(self._summary(now, members, reason), tuple(absorbed), members)
-        if not self._absorbed and now >= self._last_notice + self.policy.window:
-            self._storm = False
-        return None
-
-    def flush(self, now: float) -> Emission | None:
-        """Whatever is gathered, now (at shutdown)."""
-        if not self._absorbed:
-            return None
-        self._last_summary = -math.inf
-        return self.poll(now)
-
-    def next_deadline(self) -> float | None:
-        """When :meth:`poll` has something to send."""
-        return self._last_summary + self.policy.window if self._storm and self._absorbed else None
-
-    def _summary(self, now: float, members: tuple[str, ...], reason: str) -> Notice:
-        ids = members[: self.policy.max_ids]
-        return Notice(self.summary_event, None, now, None, reason, ids, len(members), key=_OWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +243,7 @@ class Dispatcher:
         if self.on_delivered is None:
             return
         for notice in notices:
-            if notice.key is _OWN:
+            if notice.key is OWN:
                 continue
             try:
                 self.on_delivered(notice)
@@ -436,7 +286,7 @@ class Dispatcher:
             heapq.heappush(self._reminders, (dead.due, rid))
             if not self.silences.is_silenced(rid, now):
                 reason = f"dead since {iso(dead.since)}"
-                due.append(Notice("reminder", rid, now, dead.last_seen, reason, key=_OWN))
+                due.append(Notice("reminder", rid, now, dead.last_seen, reason, key=OWN))
         return due
 
     def _silence_over(self, ended: Silence, now: float, how: str) -> list[Emission]:
@@ -444,14 +294,14 @@ class Dispatcher:
         what = f"silence on {ended.pattern!r} {how}" + (f" ({ended.reason})" if ended.reason else "")
         rid = None if is_glob(ended.pattern) else ended.pattern
         emissions = [
-            Emission(Notice("silence_ended", rid, now, None, what, count=0 if rid is None else 1, key=_OWN), ())
+            Emission(Notice("silence_ended", rid, now, None, what, count=0 if rid is None else 1, key=OWN), ())
         ]
         freed = sorted(r for r in self._held if ended.matches(r) and not self.silences.is_silenced(r, now))
         still_dead = []
         for runtime_id in freed:
             last_seen = self._held.pop(runtime_id)
             if self.state_of(runtime_id) == "dead":
-                still_dead.append(Notice("dead", runtime_id, now, last_seen, f"still dead; {what}", key=_OWN))
+                still_dead.append(Notice("dead", runtime_id, now, last_seen, f"still dead; {what}", key=OWN))
         absorbed, gated = self._dead_gate.admit(still_dead, now, self.population())
         emissions += gated
         if not absorbed:

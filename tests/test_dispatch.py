@@ -20,18 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.dispatch import (
-    Dispatcher,
-    RetryPolicy,
-    Route,
-    StormGate,
-    StormPolicy,
-    build_routes,
-    retry_policy,
-    storm_policy,
-)
+from orchestrator.dispatch import Dispatcher, Route, build_routes, retry_policy, storm_policy
 from orchestrator.notify import AppriseNotifier, Notice, NotifyError, ShellNotifier, WebhookNotifier
 from orchestrator.silence import SilenceBook
+from orchestrator.storm import RetryPolicy, StormGate, StormPolicy
 
 T0 = 1_764_000_000.0
 FAST_RETRY = RetryPolicy(attempts=3, base=0.001, max=0.01)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from orchestrator.broker import free_port
-from orchestrator.dispatch import Dispatcher, RetryPolicy, Route
+from orchestrator.dispatch import Dispatcher, Route
 from orchestrator.notify import (
     EVENTS,
     AppriseNotifier,
@@ -29,6 +29,7 @@ from orchestrator.notify import (
     WebhookNotifier,
     channel_from_url,
 )
+from orchestrator.storm import RetryPolicy
 from runtime_agent import protocol
 
 AT = 1_764_365_711.123

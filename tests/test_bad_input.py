@@ -6,6 +6,7 @@ exists (interval requests with a valid ID), the reply says why.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from .harness import TOPICS, Deployment
+from runtime_agent import protocol
+
+from .harness import TOPICS, Deployment, Runtime
 
 pytestmark = pytest.mark.e2e
 
@@ -72,6 +75,23 @@ def _states(d: Deployment) -> dict[str, tuple[str, float, float]]:
     return {row["id"]: (row["state"], row["interval"], row["grace"]) for row in d.status_json()}
 
 
+def _barrier(d: Deployment, sender: Runtime) -> None:
+    """Return once the orchestrator has handled everything ``sender`` published before, and told of it.
+
+    ``sender`` sends ``rt-alive``'s registration again, unchanged (it changes
+    nothing). The broker delivers one client's messages in order, the intake
+    reads them in order and the registrar takes requests in order: the reply
+    proves every message before it was handled. Its status is published with
+    the outbox round after it, behind every alert and status due before, on
+    the same connection: a change the bad messages made would show first.
+    """
+    started = time.monotonic()
+    sender.publish(TOPICS.interval("rt-alive"), protocol.encode_interval(30.0, 30.0))
+    reply = d.observer.wait_for(lambda m: m.topic == TOPICS.reply("rt-alive"), 10, after=started)
+    assert reply.json()["ok"] is True, reply.json()
+    d.observer.wait_for(lambda m: m.topic == TOPICS.status("rt-alive") and bool(m.payload), 10, after=started)
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INTERVAL_PAYLOADS))
 def test_bad_interval_request_gets_a_reply_saying_why(watched: Deployment, case: str) -> None:
     payload, expected = BAD_INTERVAL_PAYLOADS[case]
@@ -88,7 +108,7 @@ def test_bad_state_messages_change_nothing(watched: Deployment) -> None:
     for payload in BAD_STATE_PAYLOADS:
         watched.runtimes[1].publish(TOPICS.state("rt-alive"), payload)
         watched.runtimes[1].publish(TOPICS.state("rt-dead"), payload)
-    time.sleep(0.5)
+    _barrier(watched, watched.runtimes[1])
     assert watched.orchestrators[-1].alive
     assert watched.observer.alerts(after=started) == []
     assert _states(watched) == {"rt-alive": ("alive", 30.0, 30.0), "rt-dead": ("dead", 0.5, 0.5)}
@@ -98,7 +118,7 @@ def test_bad_pulses_do_not_revive_a_dead_runtime(watched: Deployment) -> None:
     started = time.monotonic()
     for payload in BAD_PULSE_PAYLOADS:
         watched.runtimes[0].publish(TOPICS.pulse("rt-dead"), payload, qos=1)
-    time.sleep(0.5)
+    _barrier(watched, watched.runtimes[0])
     assert watched.orchestrators[-1].alive
     assert watched.observer.alerts("rt-dead", after=started) == []
     assert _states(watched)["rt-dead"][0] == "dead"
@@ -112,7 +132,7 @@ def test_bad_ids_on_every_topic_are_rejected_and_counted(watched: Deployment) ->
         sender.publish(f"{prefix}/interval", b'{"interval": 1}')
         sender.publish(f"{prefix}/state", b'{"state": "online"}')
         sender.publish(f"{prefix}/pulse", b"", qos=0)
-    time.sleep(0.5)
+    _barrier(watched, sender)
     assert watched.orchestrators[-1].alive
     assert watched.observer.alerts(after=started) == []
     assert set(_states(watched)) == {"rt-alive", "rt-dead"}
@@ -141,7 +161,15 @@ def _raw_publish(port: int, topic: str, payload: bytes) -> None:
         sock.sendall(packet(0x10, string(b"MQTT") + b"\x04\x02\x00\x1e" + string(b"wildcard-attacker")))
         sock.recv(4)
         sock.sendall(packet(0x30, string(topic.encode()) + payload))
-        time.sleep(0.2)
+        # The barrier: a broker reads a connection's packets in order, so a PINGRESP means it went past the
+        # PUBLISH (routed or dropped it), and closing the connection means it refused it. amqtt refuses a
+        # wildcard topic by no longer reading the connection at all: silence for 0.5 s counts as that.
+        sock.sendall(b"\xc0\x00")
+        sock.settimeout(0.5)
+        received = b""
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            while b"\xd0\x00" not in received and (chunk := sock.recv(65536)):
+                received += chunk  # amqtt first sends a new client every retained message, subscribed or not
 
 
 @pytest.mark.parametrize("wildcard", ["+", "#", "a+b"])
@@ -149,7 +177,7 @@ def test_wildcards_in_ids_never_reach_state(watched: Deployment, wildcard: str) 
     started = time.monotonic()
     for kind, payload in (("interval", b'{"interval": 1}'), ("state", b'{"state": "offline"}'), ("pulse", b"")):
         _raw_publish(watched.port, f"{TOPICS.prefix}/runtimes/{wildcard}/{kind}", payload)
-    time.sleep(0.3)
+    _barrier(watched, watched.runtimes[1])  # routed after the raw publishes, which the broker has handled
     assert watched.orchestrators[-1].alive
     assert watched.observer.alerts(after=started) == []
     assert set(_states(watched)) == {"rt-alive", "rt-dead"}

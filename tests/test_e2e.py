@@ -32,6 +32,23 @@ def _state_of(d: Deployment, runtime_id: str) -> str:
     return str(rows[runtime_id]["state"])
 
 
+def _silent_for(d: Deployment, witness: str, window: float) -> None:
+    """Return once ``window`` seconds have passed AND the orchestrator has judged every deadline up to then.
+
+    The barrier instead of a sleep: ``witness``, registered now with an
+    interval + grace of ``window`` and silent, is declared dead once its
+    deadline passes. The watch judges every runtime due by then in the same
+    pass or an earlier one, and the statuses of a batch go out after all its
+    alerts: a dead alert for anyone due by then has arrived before the
+    witness's dead status that follows its alert.
+    """
+    started = time.monotonic()
+    rt = d.runtime(witness)
+    rt.register(window / 2, window / 2)
+    alert = d.observer.wait_alert(witness, "dead", window + 5, after=started)
+    d.observer.wait_status(witness, "dead", 5, after=alert.at)
+
+
 def test_registration_is_confirmed_and_stored(deployment: Deployment) -> None:
     started = time.monotonic()
     agent = deployment.agent("rt-reg", INTERVAL)
@@ -93,7 +110,12 @@ def test_a_response_topic_aimed_at_the_alerts_gets_no_reply(mosquitto_deployment
     started = time.monotonic()
     rt.publish(TOPICS.interval("rt-forger"), protocol.encode_interval(INTERVAL), properties=props)
     deployment.observer.wait_for(lambda m: m.topic == TOPICS.reply("rt-forger"), 5, after=started)
-    time.sleep(0.3)
+    # The barrier: a second request whose Response Topic is allowed. The replies of one batch are all
+    # sent before the next batch's, on one connection: a reply on the alert topic would arrive first.
+    allowed = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    allowed.ResponseTopic = f"{protocol.DEFAULT_PREFIX}/replies/rt-forger"
+    rt.publish(TOPICS.interval("rt-forger"), protocol.encode_interval(INTERVAL), properties=allowed)
+    deployment.observer.wait_for(lambda m: m.topic == allowed.ResponseTopic, 5, after=started)
     assert [m for m in deployment.observer.messages if m.topic == TOPICS.alerts and m.at >= started] == []
 
 
@@ -108,7 +130,7 @@ def test_pulses_keep_a_runtime_alive(deployment: Deployment) -> None:
     started = time.monotonic()
     agent = deployment.agent("rt-steady", INTERVAL)
     agent.registered()
-    time.sleep(6 * (INTERVAL + GRACE))
+    _silent_for(deployment, "rt-steady-watched", 6 * (INTERVAL + GRACE))
     assert deployment.observer.alerts("rt-steady", after=started) == []
     assert _state_of(deployment, "rt-steady") == "alive"
 
@@ -152,7 +174,7 @@ def test_graceful_stop_gives_stopped_and_no_dead_alert(deployment: Deployment) -
     started = time.monotonic()
     assert agent.stop() == 0
     deployment.observer.wait_alert("rt-stop", "stopped", 5, after=started)
-    time.sleep(3 * (INTERVAL + GRACE))
+    _silent_for(deployment, "rt-stop-watched", INTERVAL + GRACE)  # past the deadline rt-stop had
     assert deployment.observer.alerts("rt-stop", "dead", after=started) == []
     assert _state_of(deployment, "rt-stop") == "stopped"
 
@@ -174,32 +196,60 @@ def test_unregistered_pulses_are_dropped_and_logged_once(deployment: Deployment)
     rt = deployment.runtime("rt-stranger")
     for _ in range(20):
         rt.pulse()
-    time.sleep(0.5)
+    # The barrier: a request from the same client, read after the pulses; its (error) reply means they were.
+    started = time.monotonic()
+    rt.publish(TOPICS.interval("rt-stranger-barrier"), b'{"interval": 0.01}')
+    deployment.observer.wait_for(lambda m: m.topic == TOPICS.reply("rt-stranger-barrier"), 5, after=started)
     log = deployment.orchestrators[-1].log()
     assert log.count("pulse from unregistered runtime") == 1
     assert all(row["id"] != "rt-stranger" for row in deployment.status_json())
 
 
 def test_orchestrator_restart_loses_no_state_and_raises_no_false_alert(deployment: Deployment) -> None:
-    """No alert for runtimes back within their grace.
+    """No alert for runtimes back within their grace of the restart.
 
     With the embedded broker, a restart also restarts the broker, and the agents
     reconnect with backoff (0.2, 0.4, 0.8 s...); on a loaded machine that took
     longer than a 0.5 s grace. Their grace (3 s) covers it, as it must in any deployment.
+
+    ``rt-back`` falls silent 2 s before the restart and pulses again only
+    after the deadline its stored last pulse gives (last pulse + interval +
+    grace), yet within interval + grace of the restart: a restarted
+    orchestrator watches every runtime for a full interval + grace from its
+    own start before it judges it, instead of judging time it did not watch.
     """
+    back_grace = 5.0
     agents = [deployment.agent(f"rt-keep-{i}", INTERVAL, grace=RECONNECT_GRACE) for i in range(3)]
     for agent in agents:
         agent.registered()
+    back = deployment.runtime("rt-back")
+    back.client.reconnect_delay_set(0.1, 0.5)  # type: ignore[arg-type]  # the embedded broker restarts too
+    back.register(INTERVAL, back_grace)
+    deployment.observer.wait_status("rt-back", "alive", 5)
     dead = deployment.runtime("rt-was-dead")
     dead.register(INTERVAL, GRACE)
     deployment.observer.wait_alert("rt-was-dead", "dead", 5)
+    back.pulse()  # its last pulse before the restart
+    last_pulse = time.monotonic()
     time.sleep(1.5)  # let a last-seen flush happen
     before = {row["id"]: row for row in deployment.status_json()}
+    time.sleep(max(0.0, last_pulse + 2.0 - time.monotonic()))
 
     restarted = time.monotonic()
     assert deployment.orchestrators[-1].stop() == 0
     deployment.start_orchestrator()
-    time.sleep(INTERVAL + RECONNECT_GRACE + 1.0)
+    ready = deployment.observer.wait_for(
+        lambda m: m.topic == TOPICS.orchestrator_state and m.json().get("state") == "online", 5, after=restarted
+    ).at
+    # Past the deadline of its stored last pulse, within its grace of the restart (0.75 s to spare).
+    back_at = min(last_pulse + INTERVAL + back_grace + 0.5, ready + INTERVAL + back_grace - 0.75)
+    end = max(restarted, ready) + INTERVAL + RECONNECT_GRACE + 1.0
+    time.sleep(max(0.0, back_at - time.monotonic()))
+    while True:  # rt-back pulses again, until the agents' window after the restart has passed
+        back.pulse()
+        if time.monotonic() >= max(end, back_at + INTERVAL):
+            break
+        time.sleep(INTERVAL / 2)
 
     assert deployment.observer.alerts(after=restarted) == []
     # Statuses are published again after a restart (the embedded broker lost its retained copies).
@@ -208,6 +258,7 @@ def test_orchestrator_restart_loses_no_state_and_raises_no_false_alert(deploymen
     assert set(after) == set(before)
     assert {rid: row["state"] for rid, row in after.items()} == {
         **{f"rt-keep-{i}": "alive" for i in range(3)},
+        "rt-back": "alive",
         "rt-was-dead": "dead",
     }
     assert after["rt-was-dead"]["since"] == before["rt-was-dead"]["since"]
@@ -232,7 +283,9 @@ def test_postgresql_registration_death_and_restart(pg_deployment: Deployment) ->
     killed = time.monotonic()
     agent.signal(signal.SIGKILL)
     d.observer.wait_alert("rt-pg", "dead", 5, after=killed)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 5  # the alert may go out before its flip is stored (db_timeout)
+    while _state_of(d, "rt-pg") != "dead" and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _state_of(d, "rt-pg") == "dead"
     restarted = time.monotonic()
     assert d.orchestrators[-1].stop() == 0

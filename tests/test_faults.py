@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Deployment
+from runtime_agent import protocol
+
+from .harness import TOPICS, Deployment
 from .proxy import BlackholeProxy
 
 pytestmark = pytest.mark.e2e
@@ -33,18 +35,40 @@ def pulsing(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> 
         d.close()
 
 
-def test_a_paused_orchestrator_does_not_declare_pulsing_runtimes_dead(pulsing: Deployment) -> None:
-    """SIGSTOP for 2 x (interval + grace), then SIGCONT: it notices its own stall instead of judging."""
-    orchestrator = pulsing.orchestrators[-1]
+def test_a_paused_orchestrator_does_not_declare_pulsing_runtimes_dead(
+    pulsing: Deployment, measure: Callable[[str, float, str], None]
+) -> None:
+    """SIGSTOP for 2 x (interval + grace), then SIGCONT: it notices its own stall and restarts the window.
+
+    The pulsing runtimes' pulses of the pause are read before any verdict (the
+    echo comes back behind them), so they stay alive. What only the restarted
+    window shows is ``rt-quiet``: silent since just before the pause, its
+    deadline fell inside it. Judged on waking, it would be dead at once; the
+    orchestrator does not judge time it did not watch, so it is dead one full
+    interval + grace after the stall. Its dead status is also the barrier: the
+    watch has judged everyone due by then, and the statuses of a batch follow
+    all its alerts, so a false dead alert would be in.
+    """
+    d = pulsing
+    orchestrator = d.orchestrators[-1]
     assert orchestrator.process is not None
+    quiet = d.runtime("rt-quiet")
+    registered = time.monotonic()
+    quiet.register(INTERVAL)  # a registration is a sign of life: alive now, silent from here on
+    d.observer.wait_status("rt-quiet", "alive", 5, after=registered)
     paused = time.monotonic()
     orchestrator.process.send_signal(signal.SIGSTOP)
-    time.sleep(2 * (INTERVAL + INTERVAL))
+    time.sleep(2 * (INTERVAL + INTERVAL))  # rt-quiet's deadline falls in the middle of the pause
     orchestrator.process.send_signal(signal.SIGCONT)
-    time.sleep(3 * INTERVAL)
-    assert pulsing.observer.alerts(event="dead", after=paused) == []
+    resumed = time.monotonic()
+    alert = d.observer.wait_alert("rt-quiet", "dead", 2 * (INTERVAL + INTERVAL) + 5, after=paused)
+    d.observer.wait_status("rt-quiet", "dead", 5, after=alert.at)  # sent after every alert of its batch
+    measure(f"SIGCONT to the silent runtime declared dead ({d.kind})", alert.at - resumed, "s")
+    assert alert.at - resumed >= INTERVAL + INTERVAL - 0.5, "judged on waking, not a full window after the stall"
+    assert alert.at - resumed <= INTERVAL + INTERVAL + 1.5, "a real death still follows the restarted window"
     for i in range(3):
-        pulsing.observer.wait_status(f"rt-pulsing-{i}", "alive", 5)
+        assert d.observer.alerts(f"rt-pulsing-{i}", "dead", after=paused) == []
+        d.observer.wait_status(f"rt-pulsing-{i}", "alive", 5)
     assert "stalled for" in orchestrator.log()
 
 
@@ -143,6 +167,53 @@ def test_two_agents_with_one_id_raise_one_conflict_and_no_flapping(deployment: D
     assert deployment.observer.alerts("rt-twin", event="dead", after=killed) == []
     second.signal(signal.SIGKILL)  # now nobody pulses: dead by the deadline, wills ignored or not
     deployment.observer.wait_alert("rt-twin", "dead", 3 * (INTERVAL + INTERVAL) + 2, after=killed)
+
+
+def test_a_will_is_ignored_while_two_connections_claim_one_id(deployment: Deployment) -> None:
+    """Two connections claim ``rt-claimed``: one conflict alert; then the one that announced itself last drops.
+
+    Its will names the newest session, so only the conflict says it is no
+    proof of death: the other claimant is still pulsing. Applied, the will
+    would give ``dead``, and the other's next pulse ``recovered``: the flapping
+    a conflict must not cause. The barrier: ``rt-bystander``'s will, sent right
+    after, is applied (dead) by the same watch after every will before it.
+    """
+    first = deployment.runtime("rt-claimed", will_session=1, connection=1)
+    first.state("online", 1)
+    first.register(INTERVAL)
+    first.pulse(protocol.encode_pulse(session=1))
+    deployment.observer.wait_status("rt-claimed", "alive", 5)
+    bystander = deployment.runtime("rt-bystander", will_session=9)
+    bystander.state("online", 9)
+    bystander.register(30.0)
+    deployment.observer.wait_status("rt-bystander", "alive", 5)
+
+    started = time.monotonic()
+    second = deployment.runtime("rt-claimed", will_session=2, connection=2)
+    second.state("online", 2)  # a live birth of another session: one sign
+    first.pulse(protocol.encode_pulse(session=1))  # pulses of a session that is not the newest: two more
+    first.pulse(protocol.encode_pulse(session=1))
+    deployment.observer.wait_alert("rt-claimed", "conflict", 5, after=started)
+    first.state("online", 1)  # the first claimant announces itself again: its session is the newest
+    second.pulse(protocol.encode_pulse(session=2))
+    deployment.observer.wait_for(
+        lambda m: m.topic == TOPICS.state("rt-claimed") and m.json() == {"state": "online", "session": 1},
+        5,
+        after=started,
+    )
+
+    dropped = time.monotonic()
+    first.drop()  # the broker sends its will, {"state": "offline", "session": 1}
+    deployment.observer.wait_for(
+        lambda m: m.topic == TOPICS.state("rt-claimed") and m.json().get("state") == "offline", 5, after=dropped
+    )
+    bystander.drop()
+    for _ in range(2):  # the other claimant goes on pulsing
+        second.pulse(protocol.encode_pulse(session=2))
+        time.sleep(INTERVAL / 4)
+    alert = deployment.observer.wait_alert("rt-bystander", "dead", 5, after=dropped)
+    deployment.observer.wait_status("rt-bystander", "dead", 5, after=alert.at)
+    assert [a["event"] for a in deployment.observer.alerts("rt-claimed", after=started)] == ["conflict"]
 
 
 def test_a_runtime_behind_a_half_open_link_is_dead_by_its_deadline_not_its_keepalive(

@@ -14,7 +14,7 @@ import asyncio
 import collections
 import contextlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from runtime_agent import protocol
@@ -67,11 +67,26 @@ class Sender(Protocol):
     async def send(self, messages: Iterable[Message]) -> None: ...
 
 
+class Publisher(Protocol):
+    """The link's single publish (:meth:`orchestrator.link.BrokerLink.publish`)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False) -> None: ...
+
+
 class Refresher:
     """Republishes statuses, paced, behind the outbox's work."""
 
     def __init__(
-        self, *, statuses: Statuses, link: Sender, idle: Callable[[], Any], batch: int = 500, pause: float = 0.05
+        self,
+        *,
+        statuses: Statuses,
+        link: Sender,
+        idle: Callable[[], Awaitable[None]],
+        batch: int = 500,
+        pause: float = 0.05,
     ) -> None:
         self._statuses = statuses
         self._link = link
@@ -130,7 +145,7 @@ class Refresher:
 class StatsPublisher:
     """Publishes the orchestrator's counters, retained, every ``interval`` seconds (monitoring the monitor)."""
 
-    def __init__(self, *, topic: str, counters: Callable[[], dict[str, Any]], link: Any, interval: float) -> None:
+    def __init__(self, *, topic: str, counters: Callable[[], dict[str, Any]], link: Publisher, interval: float) -> None:
         self.topic = topic
         self.counters = counters
         self._link = link

@@ -76,10 +76,7 @@ def send_command(config: Config, command: protocol.Command, *, timeout: float) -
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.on_message = on_message
-    try:
-        client.connect(address.host, address.port, keepalive=30)
-    except OSError as exc:
-        raise NoAnswer(f"cannot reach the broker {address.url}: {exc.strerror or exc}") from None
+    connect(client, address)
     client.loop_start()
     try:
         answered.wait(timeout)
@@ -118,6 +115,14 @@ def mqtt_client(config: Config, name: str) -> tuple[mqtt.Client, BrokerAddress]:
     if address.tls:
         client.tls_set(ca_certs=config.tls_ca, certfile=config.tls_cert, keyfile=config.tls_key)
     return client, address
+
+
+def connect(client: mqtt.Client, address: BrokerAddress) -> None:
+    """Open the CLI client's connection; raises :class:`NoAnswer` saying why it could not."""
+    try:
+        client.connect(address.host, address.port, keepalive=30)
+    except OSError as exc:
+        raise NoAnswer(f"cannot reach the broker {address.url}: {exc.strerror or exc}") from None
 
 
 def _broker_address(config: Config) -> BrokerAddress:

@@ -13,7 +13,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from runtime_agent import protocol
@@ -23,20 +23,16 @@ from .config import Config
 from .database import Database
 from .detector import Detector, State
 from .dispatch import Dispatcher
-from .intake import Births, CommandRequest
+from .intake import CommandRequest
 from .link import BrokerLink, LinkError
 from .rejections import Rejections, shown
 from .silence import Silence, SilenceBook
-from .statuses import Statuses
 from .store import database_error
 
 log = logging.getLogger("orchestrator")
 
 _COMMAND_QUEUE = 1_000
 """Maintenance commands waiting to run; more are refused (``busy``): they are a person's, not a fleet's."""
-_CLEAR_ECHO = 30.0
-"""Seconds an empty message on a topic we cleared is taken for the echo of our own clear."""
-_MAX_CLEARED = 10_000
 
 
 class CommandFailed(Exception):
@@ -44,7 +40,7 @@ class CommandFailed(Exception):
 
 
 class Commander:
-    """Runs the commands; owns the silences' persistence and the clearing of a deregistered runtime's traces."""
+    """Runs the commands; owns the silences' persistence (the registrar does the deregistering)."""
 
     def __init__(
         self,
@@ -54,10 +50,7 @@ class Commander:
         detector: Detector,
         dispatcher: Dispatcher,
         link: BrokerLink,
-        statuses: Statuses,
-        births: Births,
-        publish_status: Callable[[str], None],
-        rearm: Callable[[], None],
+        deregister: Callable[[str], Awaitable[bool]],
         reject: Rejections,
         stats: collections.Counter[str],
         config: Config,
@@ -67,16 +60,11 @@ class Commander:
         self.detector = detector
         self.dispatcher = dispatcher
         self._link = link
-        self._statuses = statuses
-        self._births = births
-        self._publish_status = publish_status
-        self._rearm = rearm
+        self._deregister_runtime = deregister
         self._reject = reject
         self.stats = stats
         self.max_payload = config.max_payload
         self._queue: asyncio.Queue[CommandRequest] = asyncio.Queue(maxsize=_COMMAND_QUEUE)
-        self._cleared: dict[str, float] = {}
-        """Retained topics we just cleared (deregistration) -> until when their echo is ours to drop."""
 
     def submit(self, request: CommandRequest) -> None:
         """A command from the intake; raises ``asyncio.QueueFull`` when too many wait."""
@@ -174,49 +162,12 @@ class Commander:
         return {"target": entry.pattern, "until": protocol.iso(entry.until), "reason": entry.reason, "matches": matches}
 
     async def _deregister(self, command: protocol.Command) -> dict[str, Any]:
-        """Forget a runtime for good: its record, and every retained message that would bring it back."""
+        """Forget a runtime for good (see :meth:`Registrar.deregister`)."""
         rid = command.id
         assert rid is not None
-        if rid not in self.detector:
+        if not await self._deregister_runtime(rid):
             raise CommandFailed(f"{rid} is not registered")
-        await self._db(self._db.store.deregister, [rid])
-        self.detector.deregister(rid)
-        self._births.take(rid)
-        self._publish_status(rid)  # cleared by the outbox should the clears below not reach the broker
-        self._rearm()
-        log.warning("%s deregistered by command", rid)
-        if self._link.connected:
-            try:
-                await self._clear_retained(rid)
-            except LinkError as exc:
-                log.warning("could not clear the retained messages of %s: %s", rid, exc)
         return {"id": rid, "deregistered": True}
-
-    async def _clear_retained(self, runtime_id: str) -> None:
-        """Clear a deregistered runtime's retained status, interval request and state.
-
-        Without the interval request an orchestrator restart would register it
-        again. We are subscribed to those topics: the echo of each clear is
-        recognised (:meth:`our_clear`) rather than taken for a deregistration
-        or rejected as a malformed state.
-        """
-        now = time.monotonic()
-        if len(self._cleared) > _MAX_CLEARED:
-            self._cleared = {t: until for t, until in self._cleared.items() if until > now}
-        topics = (self.topics.interval(runtime_id), self.topics.state(runtime_id))
-        for topic in topics:
-            self._cleared[topic] = now + _CLEAR_ECHO
-        clears = [self._statuses.status(runtime_id), *((topic, b"", True) for topic in topics)]
-        await asyncio.gather(
-            *(self._link.publish(topic, payload, qos=1, retain=retain) for topic, payload, retain in clears)
-        )
-
-    def our_clear(self, topic: str, now: float) -> bool:
-        """True (once) for the echo of an empty retained message we published on ``topic``."""
-        if not self._cleared:
-            return False
-        until = self._cleared.pop(topic, None)
-        return until is not None and until >= now
 
     def _may_reply_on(self, topic: str) -> bool:
         """As for interval requests: outside our prefix, under ``{prefix}/replies/``,

@@ -38,6 +38,9 @@ _CONFLICT_WINDOWS = 10
 _MAX_BIRTHS = 10_000
 """Births remembered until their interval request comes (oldest dropped): random IDs must not grow memory."""
 
+Response = tuple[str | None, bytes | None]
+"""An MQTT 5 request's (Response Topic, Correlation Data), each None when absent or unusable."""
+
 
 @dataclass(slots=True)
 class Request:
@@ -137,36 +140,28 @@ class Intake:
         retained: bool,
         properties: Properties | None = None,
         *,
-        response: tuple[str | None, bytes | None] | None = None,
+        response: Response | None = None,
     ) -> None:
-        """Any message but a lean-path pulse, from either connection; one bad message never stops a stream."""
+        """Route any message but a lean-path pulse, from either connection; one bad message never stops a stream.
+
+        Pulses are decoded only when non-empty. ``response`` is the MQTT 5
+        ``(Response Topic, Correlation Data)`` when the lean connection already
+        has them, instead of paho's ``properties``.
+        """
         try:
             if topic == self._echo.topic:
                 self._echo.received(bytes(payload))
             else:
-                self.handle(topic, payload, retained, properties, response=response)
+                self._route(topic, payload, retained, response or response_to(properties))
         except Exception:
             self.stats["errors"] += 1
             log.exception("unexpected error handling a message on %r", topic[:200])
 
-    def handle(
-        self,
-        topic: str,
-        payload: Any,
-        retained: bool,
-        properties: Properties | None = None,
-        *,
-        response: tuple[str | None, bytes | None] | None = None,
-    ) -> None:
-        """Route one message. Pulses are decoded only when non-empty.
-
-        ``response`` is the MQTT 5 ``(Response Topic, Correlation Data)`` when the
-        lean connection already has them, instead of paho's ``properties``.
-        """
+    def _route(self, topic: str, payload: Any, retained: bool, response: Response) -> None:
         parsed = self.topics.parse(topic)
         if parsed is None:
             if topic == self.topics.command:
-                self._command(payload, retained, properties)
+                self._command(payload, retained, response)
                 return
             self._reject("foreign_topic", topic)
             return
@@ -180,7 +175,7 @@ class Intake:
         if not payload and self._our_clear(topic, now):
             return  # the echo of our own clearing of a deregistered runtime's retained message
         if kind == "interval":
-            response_topic, correlation = response or response_to(properties)
+            response_topic, correlation = response
             self._requests(Request(runtime_id, bytes(payload), retained, response_topic, correlation))
             return
         if kind == "state":
@@ -275,17 +270,17 @@ class Intake:
         response = (packet.response_topic, packet.correlation_data)
         self.receive(packet.topic, packet.payload, packet.retain, response=response)
 
-    def _command(self, payload: Any, retained: bool, properties: Properties | None) -> None:
+    def _command(self, payload: Any, retained: bool, response: Response) -> None:
         if not isinstance(payload, bytes | bytearray):
             payload = b"" if payload is None else str(payload).encode()
-        response_topic, correlation = response_to(properties)
+        response_topic, correlation = response
         try:
             self._commands(CommandRequest(bytes(payload), retained, response_topic, correlation))
         except asyncio.QueueFull:
             self._reject("busy", "command:busy", "command: too many commands waiting")
 
 
-def response_to(properties: Properties | None) -> tuple[str | None, bytes | None]:
+def response_to(properties: Properties | None) -> Response:
     """The MQTT 5 Response Topic and Correlation Data of a request, if usable."""
     if properties is None:
         return None, None

@@ -36,6 +36,9 @@ _HEAL_GATHER = 0.2
 """Seconds the fetcher waits after the first unregistered pulse, so a burst of them makes one SUBSCRIBE."""
 _HEAL_HOLD = 1.0
 """Seconds a fetch's connection waits for the retained copies (amqtt sends them from a task of its own)."""
+_CLEAR_ECHO = 30.0
+"""Seconds an empty message on a topic we cleared is taken for the echo of our own clear."""
+_MAX_CLEARED = 10_000
 _TALLY_PERIOD = 60.0
 """Pulses from unregistered runtimes are logged as one line per this many seconds."""
 
@@ -82,6 +85,8 @@ class Registrar:
         """Each batch's replies, sent by ``run_replies`` while the registrar goes on to the next batch."""
         self._request_counts: dict[str, tuple[float, int]] = {}
         """Runtime -> (start of its current minute, interval requests in it), for the rate limit."""
+        self._cleared: dict[str, float] = {}
+        """Retained topics we just cleared (deregistration) -> until when their echo is ours to drop."""
 
     def submit(self, request: Request) -> None:
         """An interval request from the intake."""
@@ -288,6 +293,53 @@ class Registrar:
             return True
         self._reject("response_topic", runtime_id, f"response topic {shown(topic)} not allowed")
         return False
+
+    async def deregister(self, runtime_id: str) -> bool:
+        """Forget a runtime for good: its record, and every retained message that would bring it back.
+
+        False if it is not registered. The database is told first, as for a
+        registration; the retained status is also cleared by the outbox,
+        should the clears here not reach the broker.
+        """
+        if runtime_id not in self.detector:
+            return False
+        await self._db(self._db.store.deregister, [runtime_id])
+        self.detector.deregister(runtime_id)
+        self._births.take(runtime_id)
+        self._publish_status(runtime_id)
+        self._rearm()
+        log.warning("%s deregistered", runtime_id)
+        if self._link.connected:
+            try:
+                await self._clear_retained(runtime_id)
+            except LinkError as exc:
+                log.warning("could not clear the retained messages of %s: %s", runtime_id, exc)
+        return True
+
+    async def _clear_retained(self, runtime_id: str) -> None:
+        """Clear a deregistered runtime's retained status, interval request and state.
+
+        Without the interval request an orchestrator restart would register it
+        again. We are subscribed to the last two: the echo of each clear is
+        recognised (:meth:`our_clear`) rather than taken for a deregistration
+        or rejected as a malformed state.
+        """
+        now = time.monotonic()
+        if len(self._cleared) > _MAX_CLEARED:
+            self._cleared = {t: until for t, until in self._cleared.items() if until > now}
+        topics = (self.topics.interval(runtime_id), self.topics.state(runtime_id))
+        for topic in topics:
+            self._cleared[topic] = now + _CLEAR_ECHO
+        await asyncio.gather(
+            *(self._link.publish(topic, b"", qos=1, retain=True) for topic in (self.topics.status(runtime_id), *topics))
+        )
+
+    def our_clear(self, topic: str, now: float) -> bool:
+        """True (once) for the echo of an empty retained message we published on ``topic``."""
+        if not self._cleared:
+            return False
+        until = self._cleared.pop(topic, None)
+        return until is not None and until >= now
 
 
 class Refetcher:

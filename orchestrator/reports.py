@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from runtime_agent import protocol
 from runtime_agent.protocol import Topics, iso
 
-from .admin import mqtt_client
+from .admin import NoAnswer, connect, mqtt_client
 from .config import Config
 from .store import FlipRow, RuntimeRow, Store, database_error
 from .terminal import ago, duration, error, paint
@@ -248,9 +248,9 @@ def follow_alerts(config: Config, *, as_json: bool, color: bool) -> int:
     client.on_disconnect = on_disconnect
     client.on_message = on_message
     try:
-        client.connect(address.host, address.port, keepalive=30)
-    except OSError as exc:
-        return error(f"cannot reach the broker {address.url}: {exc.strerror or exc}")
+        connect(client, address)
+    except NoAnswer as exc:
+        return error(exc)
     try:
         client.loop_forever(retry_first_connection=False)
     except KeyboardInterrupt:

@@ -156,10 +156,7 @@ class Orchestrator:
             db=self.db,
             dispatcher=self.dispatcher,
             link=self.link,
-            statuses=self.statuses,
-            births=births,
-            publish_status=self.outbox.publish_status,
-            rearm=self.watch.rearm,
+            deregister=self.registrar.deregister,
         )
         self.refetcher = Refetcher(
             healer=healer,
@@ -176,7 +173,7 @@ class Orchestrator:
             watch=self.watch,
             requests=self.registrar.submit,
             commands=self.commander.submit,
-            our_clear=self.commander.our_clear,
+            our_clear=self.registrar.our_clear,
             healer=healer,
             heal=self.refetcher.wake,
             conflicts=conflicts,

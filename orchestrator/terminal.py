@@ -28,10 +28,10 @@ def paint(text: str, key: str | None, color: bool) -> str:
     return f"\x1b[{code}m{text}\x1b[0m" if color and code else text
 
 
-def duration(seconds: float) -> str:
-    """'3.2 s', '5 min', '1.5 h', '2.0 d'."""
+def duration(seconds: float, *, whole_seconds: bool = False) -> str:
+    """'3.2 s' (or '3 s'), '5 min', '1.5 h', '2.0 d'."""
     if seconds < 60:
-        return f"{seconds:.1f} s"
+        return f"{seconds:.0f} s" if whole_seconds else f"{seconds:.1f} s"
     if seconds < 3600:
         return f"{seconds / 60:.0f} min"
     if seconds < 86400:
@@ -43,11 +43,4 @@ def ago(then: float | None, now: float) -> str:
     """'3 s ago', '5 min ago', 'never'."""
     if then is None:
         return "never"
-    delta = max(0.0, now - then)
-    if delta < 60:
-        return f"{delta:.0f} s ago"
-    if delta < 3600:
-        return f"{delta / 60:.0f} min ago"
-    if delta < 86400:
-        return f"{delta / 3600:.1f} h ago"
-    return f"{delta / 86400:.1f} d ago"
+    return f"{duration(max(0.0, now - then), whole_seconds=True)} ago"

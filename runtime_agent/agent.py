@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -33,10 +33,8 @@ from . import protocol
 from .exceptions import ConnectError, HeartbeatError, RegistrationTimeout
 from .shared import (
     AUTH_REFUSALS,
-    DEFAULT_BROKER,
-    RETRY_FIRST,
-    RETRY_MAX,
     STOP_PUBLISH_TIMEOUT,
+    AgentOptions,
     AgentSettings,
     AgentState,
     new_session,
@@ -51,6 +49,103 @@ _paho_log = logging.getLogger("runtime_agent.mqtt")
 
 def _log_paho(client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
     _paho_log.debug("%s", message)
+
+
+def paho_client(settings: AgentSettings) -> mqtt.Client:
+    """A paho client set up from the settings (credentials, TLS, quiet logs), without callbacks or connection."""
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=settings.client_id,
+        protocol=mqtt.MQTTv311,
+        clean_session=True,
+        reconnect_on_failure=True,
+    )
+    # paho logs routine reconnect noise at ERROR; our own messages cover what matters.
+    client.on_log = _log_paho
+    # An exception escaping a callback would otherwise end paho's network thread.
+    client.suppress_exceptions = True
+    # The bounds only; ReconnectPacer sets each wait (paho annotates int but sleeps floats).
+    client.reconnect_delay_set(settings.reconnect.first, settings.reconnect.cap)  # type: ignore[arg-type]
+    address = settings.address
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    if address.tls:
+        client.tls_set(ca_certs=settings.tls_ca, certfile=settings.tls_cert, keyfile=settings.tls_key)
+    return client
+
+
+def connect_first(client: mqtt.Client, settings: AgentSettings, deadline: float, stopping: threading.Event) -> None:
+    """Open the first connection, retrying with jittered backoff until the deadline or ``stopping``.
+
+    Done by ``start()`` rather than by paho's thread so the error (refused,
+    DNS, TLS) can be reported; later reconnects are left to paho, paced by
+    :meth:`ReconnectPacer`.
+    """
+    delays = settings.reconnect.delays()  # jittered: agents started together do not retry together
+    # paho refuses to change this once a connection attempt was made, so set it once.
+    client.connect_timeout = min(settings.timeout, 5.0)
+    while True:
+        if time.monotonic() >= deadline:
+            raise ConnectError(settings.connect_message("timed out"))
+        try:
+            client.connect(settings.address.host, settings.address.port, settings.keepalive)
+            return
+        except OSError as exc:
+            error: OSError = exc
+        delay = next(delays)
+        log.info("connecting to %s failed: %s; retrying in %.3g s", settings.url, error, delay)
+        if time.monotonic() + delay >= deadline:
+            raise ConnectError(settings.connect_message(error)) from error
+        if stopping.wait(delay):
+            raise HeartbeatError("the agent was stopped while starting")
+
+
+def send_request(client: mqtt.Client, settings: AgentSettings) -> None:
+    """Publish the interval request: QoS 1 and retained, so an orchestrator that starts later learns it too."""
+    payload = protocol.encode_interval(settings.interval, settings.grace)
+    client.publish(settings.topics.interval(settings.runtime_id), payload, qos=1, retain=True)
+
+
+def publish_stopped(client: mqtt.Client, settings: AgentSettings, session: int | None) -> None:
+    """Publish the retained ``stopped`` state and wait (boundedly) for the broker to confirm it."""
+    topic = settings.topics.state(settings.runtime_id)
+    info = client.publish(topic, protocol.encode_state("stopped", session), qos=1, retain=True)
+    try:
+        info.wait_for_publish(min(settings.timeout, STOP_PUBLISH_TIMEOUT))
+        delivered = info.is_published()
+    except (RuntimeError, ValueError) as exc:
+        log.debug("publishing the stopped state failed: %s", exc)
+        delivered = False
+    if not delivered:
+        log.warning("the broker did not confirm the stopped state; the will may report offline instead")
+
+
+class ReconnectPacer:
+    """Makes each of paho's waits before reconnecting the next delay of our jittered sequence.
+
+    paho's own backoff doubles without jitter, so every agent a broker
+    restart dropped would reconnect at the same instants. paho has no hook
+    for the delay itself, but it calls on_disconnect (a lost or refused
+    connection) or on_connect_fail (a failed attempt) before each wait, and a
+    wait starts from the minimum set last: both call :meth:`pace`.
+    """
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._delays = settings.reconnect.delays()
+
+    def restart(self) -> None:
+        """A connection succeeded: the next outage starts from the shortest delay again."""
+        with self._lock:
+            self._delays = self._settings.reconnect.delays()
+
+    def pace(self, client: mqtt.Client) -> float:
+        """Set paho's next wait to our next delay; return it."""
+        with self._lock:
+            delay = next(self._delays)
+        client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
+        return delay
 
 
 _Phase = Literal["new", "starting", "running", "stopping", "stopped"]
@@ -72,48 +167,13 @@ class Agent(AgentState):
     ``check``, if given, is called before each pulse (in the pulse thread);
     the pulse is sent only if it returns True. Exceptions count as False.
     ``retry_first`` and ``retry_max`` shape the re-sends (see
-    :meth:`AgentSettings.resend_delays`).
+    :attr:`AgentSettings.resend`).
     """
 
     def __init__(
-        self,
-        runtime_id: str,
-        *,
-        interval: float,
-        grace: float | None = None,
-        broker: str = DEFAULT_BROKER,
-        prefix: str = protocol.DEFAULT_PREFIX,
-        timeout: float = 10.0,
-        client_id: str | None = None,
-        keepalive: int | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        check: Callable[[], bool] | None = None,
-        reconnect_min: float = 0.5,
-        reconnect_max: float = 5.0,
-        retry_first: float = RETRY_FIRST,
-        retry_max: float = RETRY_MAX,
+        self, runtime_id: str, *, check: Callable[[], bool] | None = None, **options: Unpack[AgentOptions]
     ) -> None:
-        super().__init__(
-            AgentSettings.build(
-                runtime_id,
-                interval=interval,
-                grace=grace,
-                broker=broker,
-                prefix=prefix,
-                timeout=timeout,
-                client_id=client_id,
-                keepalive=keepalive,
-                tls_ca=tls_ca,
-                tls_cert=tls_cert,
-                tls_key=tls_key,
-                reconnect_min=reconnect_min,
-                reconnect_max=reconnect_max,
-                retry_first=retry_first,
-                retry_max=retry_max,
-            )
-        )
+        super().__init__(AgentSettings.build(runtime_id, **options))
         self._check = check
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -131,8 +191,7 @@ class Agent(AgentState):
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._reconnects = self._settings.reconnect_delays()
-        """paho's waits before each reconnect (see :meth:`_pace_reconnect`); a fresh sequence per connection."""
+        self._reconnects = ReconnectPacer(self._settings)
 
     # --- public API ----------------------------------------------------------
 
@@ -163,7 +222,7 @@ class Agent(AgentState):
             threading.Thread(target=self._resend_loop, name=f"{name}-resend", daemon=True),
         ]
         try:
-            self._connect(client, deadline)
+            connect_first(client, settings, deadline, self._stopping)
             client.loop_start()
             for thread in self._threads:
                 thread.start()
@@ -233,25 +292,7 @@ class Agent(AgentState):
     # --- connection ----------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        settings = self._settings
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=True,
-            reconnect_on_failure=True,
-        )
-        # paho logs routine reconnect noise at ERROR; our own messages cover what matters.
-        client.on_log = _log_paho
-        # An exception escaping a callback would otherwise end paho's network thread.
-        client.suppress_exceptions = True
-        # The bounds only; _pace_reconnect sets each wait (paho annotates int but sleeps floats).
-        client.reconnect_delay_set(settings.reconnect_min, settings.reconnect_max)  # type: ignore[arg-type]
-        address = settings.address
-        if address.username is not None:
-            client.username_pw_set(address.username, address.password)
-        if address.tls:
-            client.tls_set(ca_certs=settings.tls_ca, certfile=settings.tls_cert, keyfile=settings.tls_key)
+        client = paho_client(self._settings)
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -259,46 +300,6 @@ class Agent(AgentState):
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         return client
-
-    def _connect(self, client: mqtt.Client, deadline: float) -> None:
-        """Open the first connection, retrying refusals with backoff until the deadline.
-
-        Done here rather than by paho's thread so the error (refused, DNS,
-        TLS) can be reported; later reconnects are left to paho, paced by
-        :meth:`_pace_reconnect`.
-        """
-        settings = self._settings
-        delays = settings.reconnect_delays()  # jittered: agents started together do not retry together
-        # paho refuses to change this once a connection attempt was made, so set it once.
-        client.connect_timeout = min(settings.timeout, 5.0)
-        while True:
-            if time.monotonic() >= deadline:
-                raise ConnectError(settings.connect_message("timed out"))
-            try:
-                client.connect(settings.address.host, settings.address.port, settings.keepalive)
-                return
-            except OSError as exc:
-                error: OSError = exc
-            delay = next(delays)
-            log.info("connecting to %s failed: %s; retrying in %.3g s", settings.url, error, delay)
-            if time.monotonic() + delay >= deadline:
-                raise ConnectError(settings.connect_message(error)) from error
-            if self._stopping.wait(delay):
-                raise HeartbeatError("the agent was stopped while starting")
-
-    def _pace_reconnect(self, client: mqtt.Client) -> float:
-        """Make paho's next wait before reconnecting the next delay of our jittered sequence; return it.
-
-        paho's own backoff doubles without jitter, so every agent a broker
-        restart dropped would reconnect at the same instants. paho has no hook
-        for the delay itself, but it calls on_disconnect (a lost or refused
-        connection) or on_connect_fail (a failed attempt) before each wait,
-        and a wait starts from the minimum set last: both call this.
-        """
-        with self._lock:
-            delay = next(self._reconnects)
-        client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
-        return delay
 
     def _await_start(self, deadline: float) -> None:
         """Wait for a reply, a failure or the deadline; then end start() (see the class docstring)."""
@@ -315,20 +316,7 @@ class Agent(AgentState):
                 self._finish_start()  # raises on a rejection
                 self._phase = "running"
                 return
-        settings = self._settings
-        if self._refusal is not None:
-            raise ConnectError(settings.refusal_message(self._refusal))
-        if not self._connack_seen:
-            hint = (
-                "does the broker require a client certificate it trusts (tls_cert)?"
-                if settings.address.tls
-                else "if this port speaks TLS, use mqtts://"
-            )
-            raise ConnectError(settings.connect_message(f"the broker accepted TCP but sent no CONNACK ({hint})"))
-        raise ConnectError(
-            f"the broker at {settings.url} accepted the connection but did not acknowledge the subscription "
-            f"to {settings.topics.reply(settings.runtime_id)} within {settings.timeout:g} s"
-        )
+        raise ConnectError(self._settings.start_failure_message(self._refusal, connack_seen=self._connack_seen))
 
     def _fail(self, error: BaseException) -> bool:
         """End a waiting ``start()`` with ``error``; False if start() has already ended or failed."""
@@ -351,31 +339,12 @@ class Agent(AgentState):
             if thread.is_alive():
                 thread.join()
 
-    def _send_request(self, client: mqtt.Client) -> None:
-        """Publish the interval request: QoS 1 and retained, so an orchestrator that starts later learns it too."""
-        settings = self._settings
-        client.publish(
-            settings.topics.interval(settings.runtime_id),
-            protocol.encode_interval(settings.interval, settings.grace),
-            qos=1,
-            retain=True,
-        )
-
     def _shutdown(self, client: mqtt.Client) -> None:
         """Publish ``stopped`` if this connection announced ``online``, then disconnect and end paho's thread."""
         with self._lock:
             announced, session = self._announced, self._session
         if announced and client.is_connected():
-            topic = self._settings.topics.state(self._settings.runtime_id)
-            info = client.publish(topic, protocol.encode_state("stopped", session), qos=1, retain=True)
-            try:
-                info.wait_for_publish(min(self._settings.timeout, STOP_PUBLISH_TIMEOUT))
-                delivered = info.is_published()
-            except (RuntimeError, ValueError) as exc:
-                log.debug("publishing the stopped state failed: %s", exc)
-                delivered = False
-            if not delivered:
-                log.warning("the broker did not confirm the stopped state; the will may report offline instead")
+            publish_stopped(client, self._settings, session)
         client.disconnect()
         client.loop_stop()
 
@@ -423,8 +392,7 @@ class Agent(AgentState):
             log.error("%s; retrying with backoff", message)
             return
         self._connack_seen = True
-        with self._lock:
-            self._reconnects = settings.reconnect_delays()
+        self._reconnects.restart()
         log.info("connected to %s (session %s)", settings.url, self._session)
         if self._stopping.is_set():
             return
@@ -450,17 +418,14 @@ class Agent(AgentState):
             session = self._session
         refused = [code for code in reason_codes if code.is_failure]
         if refused:
-            error = ConnectError(
-                f"the broker at {settings.url} refused the subscription to "
-                f"{settings.topics.reply(settings.runtime_id)} ({refused[0]}); check its access control"
-            )
+            error = ConnectError(settings.subscription_refused_message(refused[0]))
             if not self._fail(error):
                 log.error("%s", error)
             return
         # Subscribed first, so the orchestrator's reply cannot arrive before we listen.
         rid = settings.runtime_id
         client.publish(settings.topics.state(rid), protocol.encode_state("online", session), qos=1, retain=True)
-        self._send_request(client)
+        send_request(client, self._settings)
         with self._changed:
             self._announced = True
             self._requested = True
@@ -494,13 +459,13 @@ class Agent(AgentState):
         if self._stopping.is_set():
             log.debug("disconnected from %s", self._settings.url)
         else:
-            delay = self._pace_reconnect(client)
+            delay = self._reconnects.pace(client)
             # MQTT 3.1.1 brokers send no reason: paho then reports "Unspecified error".
             why = "" if reason_code.value == 128 else f" ({reason_code})"
             log.warning("connection to %s lost%s; reconnecting in %.3g s", self._settings.url, why, delay)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        delay = self._pace_reconnect(client)
+        delay = self._reconnects.pace(client)
         log.debug("reconnecting to %s failed; retrying in %.3g s", self._settings.url, delay)
 
     # --- re-sending the interval request ---------------------------------------
@@ -525,7 +490,7 @@ class Agent(AgentState):
                         self._changed.wait()
                         continue
                     if self._session != session:
-                        session, delays = self._session, self._settings.resend_delays()
+                        session, delays = self._session, self._settings.resend.delays()
                         due = time.monotonic() + next(delays)
                     remaining = due - time.monotonic()
                     if remaining <= 0:
@@ -535,7 +500,7 @@ class Agent(AgentState):
                 client = self._client
             if client is not None:
                 log.debug("no reply yet for %s; re-sending the interval request", self._settings.runtime_id)
-                self._send_request(client)
+                send_request(client, self._settings)
 
     # --- pulses --------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Self
+from typing import Self, Unpack
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -31,10 +31,8 @@ from . import protocol
 from .exceptions import ConnectError, HeartbeatError, RegistrationTimeout
 from .shared import (
     AUTH_REFUSALS,
-    DEFAULT_BROKER,
-    RETRY_FIRST,
-    RETRY_MAX,
     STOP_PUBLISH_TIMEOUT,
+    AgentOptions,
     AgentSettings,
     AgentState,
     new_session,
@@ -68,41 +66,10 @@ class AsyncAgent(AgentState):
         self,
         runtime_id: str,
         *,
-        interval: float,
-        grace: float | None = None,
-        broker: str = DEFAULT_BROKER,
-        prefix: str = protocol.DEFAULT_PREFIX,
-        timeout: float = 10.0,
-        client_id: str | None = None,
-        keepalive: int | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
         check: Callable[[], bool | Awaitable[bool]] | None = None,
-        reconnect_min: float = 0.5,
-        reconnect_max: float = 5.0,
-        retry_first: float = RETRY_FIRST,
-        retry_max: float = RETRY_MAX,
+        **options: Unpack[AgentOptions],
     ) -> None:
-        super().__init__(
-            AgentSettings.build(
-                runtime_id,
-                interval=interval,
-                grace=grace,
-                broker=broker,
-                prefix=prefix,
-                timeout=timeout,
-                client_id=client_id,
-                keepalive=keepalive,
-                tls_ca=tls_ca,
-                tls_cert=tls_cert,
-                tls_key=tls_key,
-                reconnect_min=reconnect_min,
-                reconnect_max=reconnect_max,
-                retry_first=retry_first,
-                retry_max=retry_max,
-            )
-        )
+        super().__init__(AgentSettings.build(runtime_id, **options))
         self._check = check
         self._task: asyncio.Task[None] | None = None
         self._stop_requested: asyncio.Event | None = None
@@ -189,7 +156,7 @@ class AsyncAgent(AgentState):
         """
         settings = self._settings
         loop = asyncio.get_running_loop()
-        delays = settings.reconnect_delays()  # jittered, so agents dropped together come back spread out
+        delays = settings.reconnect.delays()  # jittered, so agents dropped together come back spread out
         outage = False  # a lost connection was reported: don't report each failed retry again
         try:
             while not self._stopping():
@@ -198,7 +165,7 @@ class AsyncAgent(AgentState):
                 client = self._make_client(session, deadline if first else None)
                 try:
                     async with client:
-                        delays = settings.reconnect_delays()
+                        delays = settings.reconnect.delays()
                         outage = False
                         await self._serve(client, session, requested)
                         return
@@ -327,7 +294,7 @@ class AsyncAgent(AgentState):
         re-sends, since the same request would be refused again. The next
         connection starts a fresh sequence.
         """
-        for delay in self._settings.resend_delays():
+        for delay in self._settings.resend.delays():
             await asyncio.sleep(delay)
             if self._registered or self._rejected:
                 return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 
 def backoff_delays(
@@ -44,3 +45,15 @@ def _delays(base: float, cap: float, factor: float, jitter: float, rng: Callable
     while True:
         yield base * (1 - jitter + 2 * jitter * rng())
         base = min(base * factor, cap)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """A retry loop's shape: ``first`` doubling up to ``cap``, each delay times 0.5-1.5."""
+
+    first: float
+    cap: float
+
+    def delays(self) -> Iterator[float]:
+        """A fresh sequence of delays (see :func:`backoff_delays`)."""
+        return backoff_delays(self.first, self.cap)

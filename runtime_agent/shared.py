@@ -14,12 +14,11 @@ import math
 import secrets
 import ssl
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Required, TypedDict, Unpack
 
 from . import protocol
-from .backoff import backoff_delays
+from .backoff import Backoff
 from .exceptions import RegistrationRejected
 from .url import BrokerAddress, check_tls_files, parse_broker_url, with_env_password
 
@@ -34,7 +33,44 @@ STOP_PUBLISH_TIMEOUT: Final = 5.0
 RETRY_FIRST: Final = 2.0
 """Default seconds (before jitter) from an unanswered interval request to its first re-send."""
 RETRY_MAX: Final = 60.0
-"""Default cap of the re-send delay (before jitter); see :meth:`AgentSettings.resend_delays`."""
+"""Default cap of the re-send delay (before jitter); see :attr:`AgentSettings.resend`."""
+
+
+class AgentOptions(TypedDict, total=False):
+    """The keyword options both agents take, with their defaults; :meth:`AgentSettings.build` checks them."""
+
+    interval: Required[float]
+    """Seconds between pulses, and the interval the orchestrator is asked to watch."""
+    grace: float | None
+    """Seconds of lateness the orchestrator allows before it declares the runtime dead (None: its default)."""
+    broker: str
+    """``mqtt://`` or ``mqtts://`` URL (default ``mqtt://127.0.0.1:1883``); a password may come from
+    ``HEARTBEAT_BROKER_PASSWORD`` instead of the URL."""
+    prefix: str
+    """Topic prefix shared with the orchestrator (default ``heartbeat/v1``)."""
+    timeout: float
+    """Seconds ``start()`` may take to connect and to wait for the reply (default 10)."""
+    client_id: str | None
+    """MQTT client ID (default ``hb-agent-{id}``, hashed to at most 64 characters)."""
+    keepalive: int | None
+    """MQTT keepalive in whole seconds (default: twice the interval, within 5-60)."""
+    tls_ca: str | None
+    """CA file for ``mqtts://`` (default: the system's CAs)."""
+    tls_cert: str | None
+    """Client certificate (PEM) for brokers that require one; needs ``tls_key``."""
+    tls_key: str | None
+    """Private key (PEM) of ``tls_cert``."""
+    reconnect_min: float
+    """First wait (before jitter) between connection attempts (default 0.5 s), doubling to ``reconnect_max``."""
+    reconnect_max: float
+    """Longest wait (before jitter) between connection attempts (default 5 s)."""
+    retry_first: float
+    """First wait (before jitter) before re-sending an unanswered interval request (default 2 s)."""
+    retry_max: float
+    """Longest wait (before jitter) between re-sent interval requests (default 60 s)."""
+
+
+_OPTIONS: Final = AgentOptions.__required_keys__ | AgentOptions.__optional_keys__
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,56 +88,59 @@ class AgentSettings:
     tls_ca: str | None
     tls_cert: str | None
     tls_key: str | None
-    reconnect_min: float
-    reconnect_max: float
-    retry_first: float
-    """Seconds (before jitter) from the interval request to its first re-send while no reply came."""
-    retry_max: float
-    """The cap of the re-send delay before jitter."""
+    reconnect: Backoff
+    """Waits between connection attempts; a fresh sequence after each successful connection.
+
+    ``reconnect_min`` doubling up to ``reconnect_max``, each times 0.5-1.5: a
+    broker restart drops every agent at once, and delays without jitter would
+    bring them all back at the same instants, a reconnect storm at each step.
+    """
+    resend: Backoff
+    """Waits between re-sends of an unanswered interval request, for one connection.
+
+    By default 2 s doubling to a 60 s cap, each times 0.5-1.5 (so a fleet
+    started together does not re-send in lockstep). Even at the shortest
+    jitter that is at most 6 requests (the first included) in any minute of a
+    connection, well within the orchestrator's default limit of 30 live
+    requests per runtime ID per minute, beyond which it rejects them.
+    """
 
     @classmethod
-    def build(
-        cls,
-        runtime_id: str,
-        *,
-        interval: float,
-        grace: float | None,
-        broker: str,
-        prefix: str,
-        timeout: float,
-        client_id: str | None,
-        keepalive: int | None,
-        tls_ca: str | None,
-        tls_cert: str | None,
-        tls_key: str | None,
-        reconnect_min: float,
-        reconnect_max: float,
-        retry_first: float = RETRY_FIRST,
-        retry_max: float = RETRY_MAX,
-    ) -> AgentSettings:
-        """Validate everything; raises ProtocolError (a ValueError) or ValueError."""
+    def build(cls, runtime_id: str, **options: Unpack[AgentOptions]) -> AgentSettings:
+        """Validate everything; raises ProtocolError (a ValueError), ValueError, or TypeError for an unknown option."""
+        unknown = options.keys() - _OPTIONS
+        if unknown:
+            raise TypeError(
+                f"unknown agent option {sorted(unknown)[0]!r}; the options are {', '.join(sorted(_OPTIONS))}"
+            )
+        if "interval" not in options:
+            raise TypeError("the interval option is required (seconds between pulses)")
         runtime_id = protocol.check_id(runtime_id)
-        interval = protocol.check_seconds("interval", interval)
+        interval = protocol.check_seconds("interval", options["interval"])
+        grace = options.get("grace")
         grace = None if grace is None else protocol.check_seconds("grace", grace)
-        address = with_env_password(parse_broker_url(broker))
-        topics = protocol.Topics(prefix)
-        timeout = _positive("timeout", timeout)
-        reconnect_min = _positive("reconnect_min", reconnect_min)
-        reconnect_max = _positive("reconnect_max", reconnect_max)
+        address = with_env_password(parse_broker_url(options.get("broker", DEFAULT_BROKER)))
+        topics = protocol.Topics(options.get("prefix", protocol.DEFAULT_PREFIX))
+        timeout = _positive("timeout", options.get("timeout", 10.0))
+        reconnect_min = _positive("reconnect_min", options.get("reconnect_min", 0.5))
+        reconnect_max = _positive("reconnect_max", options.get("reconnect_max", 5.0))
         if reconnect_max < reconnect_min:
             raise ValueError(f"reconnect_max ({reconnect_max:g}) must not be below reconnect_min ({reconnect_min:g})")
-        retry_first = _positive("retry_first", retry_first)
-        retry_max = _positive("retry_max", retry_max)
+        retry_first = _positive("retry_first", options.get("retry_first", RETRY_FIRST))
+        retry_max = _positive("retry_max", options.get("retry_max", RETRY_MAX))
         if retry_max < retry_first:
             raise ValueError(f"retry_max ({retry_max:g}) must not be below retry_first ({retry_first:g})")
+        keepalive = options.get("keepalive")
         if keepalive is None:
             keepalive = default_keepalive(interval)
         elif isinstance(keepalive, bool) or not isinstance(keepalive, int) or not 1 <= keepalive <= 65535:
             raise ValueError(f"keepalive must be a whole number of seconds from 1 to 65535, got {keepalive!r}")
+        client_id = options.get("client_id")
         if client_id is None:
             client_id = default_client_id(runtime_id)
         elif not client_id:
             raise ValueError("client_id must not be empty")
+        tls_ca, tls_cert, tls_key = options.get("tls_ca"), options.get("tls_cert"), options.get("tls_key")
         check_tls_files(address, tls_ca, tls_cert, tls_key)
         return cls(
             runtime_id=runtime_id,
@@ -115,37 +154,14 @@ class AgentSettings:
             tls_ca=tls_ca,
             tls_cert=tls_cert,
             tls_key=tls_key,
-            reconnect_min=reconnect_min,
-            reconnect_max=reconnect_max,
-            retry_first=retry_first,
-            retry_max=retry_max,
+            reconnect=Backoff(reconnect_min, reconnect_max),
+            resend=Backoff(retry_first, retry_max),
         )
 
     @property
     def url(self) -> str:
         """The broker URL without password, for messages."""
         return self.address.url
-
-    def reconnect_delays(self) -> Iterator[float]:
-        """Waits between connection attempts; take a fresh sequence after each successful connection.
-
-        ``reconnect_min`` doubling up to ``reconnect_max``, each times 0.5-1.5:
-        a broker restart drops every agent at once, and delays without jitter
-        would bring them all back at the same instants, a reconnect storm at
-        each step.
-        """
-        return backoff_delays(self.reconnect_min, self.reconnect_max)
-
-    def resend_delays(self) -> Iterator[float]:
-        """Delays between re-sends of an unanswered interval request, for one connection.
-
-        By default 2 s doubling to a 60 s cap, each times 0.5-1.5 (so a fleet
-        started together does not re-send in lockstep). Even at the shortest
-        jitter that is at most 6 requests (the first included) in any minute
-        of a connection, well within the orchestrator's default limit of 30
-        live requests per runtime ID per minute, beyond which it rejects them.
-        """
-        return backoff_delays(self.retry_first, self.retry_max)
 
     def no_reply_message(self, seconds: float) -> str:
         """Why :class:`RegistrationTimeout` was raised: no reply within ``seconds``."""
@@ -181,6 +197,28 @@ class AgentSettings:
         if reason_value(reason) in AUTH_REFUSALS:
             hint = "; check the user name and password (or client certificate) and the broker's access control"
         return f"the broker at {self.url} refused the connection: {reason}{hint}"
+
+    def start_failure_message(self, refusal: object | None, *, connack_seen: bool) -> str:
+        """Why a start that got no reply failed: a refusal, no CONNACK at all, or no SUBACK."""
+        if refusal is not None:
+            return self.refusal_message(refusal)
+        if not connack_seen:
+            hint = (
+                "does the broker require a client certificate it trusts (tls_cert)?"
+                if self.address.tls
+                else "if this port speaks TLS, use mqtts://"
+            )
+            return self.connect_message(f"the broker accepted TCP but sent no CONNACK ({hint})")
+        return (
+            f"the broker at {self.url} accepted the connection but did not acknowledge the subscription "
+            f"to {self.topics.reply(self.runtime_id)} within {self.timeout:g} s"
+        )
+
+    def subscription_refused_message(self, reason: object) -> str:
+        return (
+            f"the broker at {self.url} refused the subscription to {self.topics.reply(self.runtime_id)} "
+            f"({reason}); check its access control"
+        )
 
 
 AUTH_REFUSALS: Final = frozenset({133, 134, 135, 138, 140})

@@ -327,9 +327,9 @@ def test_commands_are_routed_to_the_commander_not_rejected_as_foreign(sqlite_url
 
     async def scenario() -> None:
         async with running(orchestrator):
-            orchestrator.intake.handle(TOPICS.command, b'{"command": "reboot"}', False)
-            orchestrator.intake.handle(TOPICS.command, b'{"command": "silences"}', True)  # a retained copy: ignored
-            orchestrator.intake.handle(TOPICS.command, b'{"command": "silence", "target": "db-*", "for": 60}', False)
+            orchestrator.intake.receive(TOPICS.command, b'{"command": "reboot"}', False)
+            orchestrator.intake.receive(TOPICS.command, b'{"command": "silences"}', True)  # a retained copy: ignored
+            orchestrator.intake.receive(TOPICS.command, b'{"command": "silence", "target": "db-*", "for": 60}', False)
             await until(lambda: orchestrator.dispatcher.silences.get("db-*") is not None)
 
     asyncio.run(asyncio.wait_for(scenario(), 20))

@@ -53,7 +53,7 @@ def deliver(orchestrator: Orchestrator, *messages: tuple[str, bytes, bool], link
 
     async def handle_all() -> None:
         for topic, payload, retained in messages:
-            orchestrator.intake.handle(topic, payload, retained)
+            orchestrator.intake.receive(topic, payload, retained)
         if link_ok:
             orchestrator.watch.apply_wills()
 
@@ -233,11 +233,11 @@ def birth_then_registration(orchestrator: Orchestrator, *wills: bytes) -> State:
 
     async def scenario() -> State:
         async with running(orchestrator):
-            orchestrator.intake.handle(TOPICS.state("rt-new"), protocol.encode_state("online", SESSION), False)
-            orchestrator.intake.handle(TOPICS.interval("rt-new"), protocol.encode_interval(30.0), False)
+            orchestrator.intake.receive(TOPICS.state("rt-new"), protocol.encode_state("online", SESSION), False)
+            orchestrator.intake.receive(TOPICS.interval("rt-new"), protocol.encode_interval(30.0), False)
             await until(lambda: "rt-new" in orchestrator.detector)
             for will in wills:
-                orchestrator.intake.handle(TOPICS.state("rt-new"), will, False)
+                orchestrator.intake.receive(TOPICS.state("rt-new"), will, False)
             orchestrator.watch.apply_wills()  # as the watcher does once its echo returns
             return orchestrator.detector.view("rt-new").state
 
@@ -282,7 +282,7 @@ def register_all(orchestrator: Orchestrator, requests: list[tuple[str, bytes]]) 
     async def scenario() -> None:
         async with running(orchestrator):
             for rid, payload in requests:
-                orchestrator.intake.handle(TOPICS.interval(rid), payload, False)
+                orchestrator.intake.receive(TOPICS.interval(rid), payload, False)
             decided = lambda: orchestrator.stats["registrations"] + sum(rejections(orchestrator).values())  # noqa: E731
             await until(lambda: decided() == len(requests))
 
@@ -324,9 +324,9 @@ def test_the_next_batch_is_applied_while_the_replies_of_the_last_are_still_going
 
     async def scenario() -> None:
         async with running(orchestrator):
-            orchestrator.intake.handle(TOPICS.interval("rt-first"), protocol.encode_interval(5.0), False)
+            orchestrator.intake.receive(TOPICS.interval("rt-first"), protocol.encode_interval(5.0), False)
             await replying.wait()
-            orchestrator.intake.handle(TOPICS.interval("rt-second"), protocol.encode_interval(5.0), False)
+            orchestrator.intake.receive(TOPICS.interval("rt-second"), protocol.encode_interval(5.0), False)
             await until(lambda: "rt-second" in orchestrator.detector)
             registered_while_replying.append(not release.is_set())
             release.set()

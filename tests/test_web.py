@@ -434,7 +434,7 @@ def _stop(orchestrator: Orchestrator, runtime_id: str) -> None:
 
     async def deliver() -> None:
         topic = protocol.Topics().state(runtime_id)
-        orchestrator.intake.handle(topic, protocol.encode_state("stopped"), False)
+        orchestrator.intake.receive(topic, protocol.encode_state("stopped"), False)
 
     asyncio.run(deliver())
 

@@ -23,21 +23,67 @@ class BrokerStartError(RuntimeError):
     """The embedded broker could not start; the message says what to do instead."""
 
 
-def check_bindable(host: str, port: int) -> None:
-    """Fail fast, with advice, if ``host:port`` is taken (amqtt would log a traceback)."""
+def check_bindable(host: str, port: int, *, wait_for_ours: float = 10.0) -> None:
+    """Fail fast, with advice, if ``host:port`` is taken (amqtt would log a traceback).
+
+    One exception: the embedded broker of an orchestrator killed a moment
+    ago (SIGKILL, then a supervisor's restart) still holds the port while it
+    notices that its stdin closed and stops. Its process is recognised by
+    its command line, and waited for up to ``wait_for_ours`` seconds.
+    """
+    if _bind_error(host, port) is None:
+        return
+    ours = _embedded_broker_on(host, port)
+    if ours is not None and wait_for_ours > 0:
+        log.info("the embedded broker of a previous run (pid %d) still holds %s:%d; waiting for it", ours, host, port)
+        deadline = time.monotonic() + wait_for_ours
+        while time.monotonic() < deadline and _bind_error(host, port) is not None:
+            time.sleep(0.05)
+    error = _bind_error(host, port)
+    if error is None:
+        return
+    if error.errno != errno.EADDRINUSE:
+        raise BrokerStartError(f"cannot start the embedded MQTT broker on {host}:{port}: {error.strerror}")
+    holder = (
+        f"the embedded broker of another heartbeat orchestrator (pid {ours}) is running there"
+        if ours is not None
+        else "is another broker, e.g. Mosquitto, running there?"
+    )
+    raise BrokerStartError(
+        f"cannot start the embedded MQTT broker on {host}:{port}: the address is already in use ({holder}). "
+        f"Use it with --broker mqtt://{host}:{port}, or pick another port with --listen {host}:PORT."
+    )
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise BrokerStartError(
-                    f"cannot start the embedded MQTT broker on {host}:{port}: the address is already in use "
-                    f"(is another broker, e.g. Mosquitto, running there?). Use it with "
-                    f"--broker mqtt://{host}:{port}, or pick another port with --listen {host}:PORT."
-                ) from None
-            raise BrokerStartError(f"cannot start the embedded MQTT broker on {host}:{port}: {exc.strerror}") from None
+            return exc
+    return None
+
+
+def _embedded_broker_on(host: str, port: int) -> int | None:
+    """The pid of an embedded broker process (``python -m orchestrator.broker HOST PORT``) on ``host:port``.
+
+    Read from ``/proc`` (Linux); elsewhere None, and a taken port fails at once as before.
+    """
+    wanted = ["-m", "orchestrator.broker", host, str(port)]
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv[1:5] == wanted:
+            return pid
+    return None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -193,13 +239,17 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 async def serve(host: str, port: int) -> int:
     """Run amqtt on ``host:port`` until stdin closes or SIGTERM; print ``ready`` (or ``error: ...``) first."""
-    from amqtt.broker import Broker  # imported here: only the embedded mode pays for it
-    from amqtt.errors import BrokerError
+    from amqtt.errors import BrokerError  # imported here: only the embedded mode pays for amqtt
+
+    from .amqtt_retained import OwnSubscriptionsBroker
 
     for name in ("amqtt", "transitions"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Stopping, amqtt warns twice of the messages it had yet to pass on (the wills of the clients it drops):
+    # this broker stops with the orchestrator and keeps nothing, so they have nobody left to reach.
+    logging.getLogger("amqtt.broker").addFilter(lambda record: "messages not broadcasted" not in record.getMessage())
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    broker = Broker(
+    broker = OwnSubscriptionsBroker(  # amqtt, minus its replay of other clients' retained messages
         {
             "listeners": {"default": {"type": "tcp", "bind": bind, "max_connections": 0}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
@@ -221,8 +271,20 @@ async def serve(host: str, port: int) -> int:
 
     loop.add_reader(sys.stdin.fileno(), read_stdin)
     await stop.wait()
-    await broker.shutdown()
+    try:
+        async with asyncio.timeout(_SHUTDOWN_WAIT):
+            await broker.shutdown()
+    except TimeoutError:
+        # amqtt's shutdown never ends while clients keep reconnecting (every agent does): the
+        # orchestrator would wait for us, and an orphan of a killed one would hold the port for good.
+        logging.getLogger("orchestrator.broker").debug("amqtt did not shut down within %g s", _SHUTDOWN_WAIT)
+        sys.stdout.flush()
+        os._exit(0)
     return 0
+
+
+_SHUTDOWN_WAIT = 1.0
+"""Seconds amqtt's own shutdown may take before the broker process just exits (it keeps nothing)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,11 +174,41 @@ def format_table(rows: Sequence[RuntimeRow], *, now: float, color: bool = False)
 
 
 def format_alert(alert: dict[str, Any], *, color: bool = False) -> str:
-    """``2026-11-29T01:02:03Z  dead       worker-7  no pulse for 3.2 s``: one line per alert."""
-    at = alert.get("at") or ""
+    """``2026-11-29T01:02:03Z  dead       worker-7  no pulse for 3.2 s``: one line per alert.
+
+    A summary has ``"id": null`` (docs/protocol.md): it names how many
+    runtimes it covers and the first few IDs instead, or nothing when it is
+    about no runtime in particular (``monitor_down``; ``silence_ended`` of a
+    glob, whose reason names the pattern). Never a ``None`` column.
+    """
+    at = alert.get("at")
+    at = at if isinstance(at, str) else ""
     shown_at = f"{at[:19]}Z" if len(at) >= 19 else at
     event = str(alert.get("event"))
-    return f"{shown_at}  {paint(event.ljust(9), event, color)}  {alert.get('id')}  {alert.get('reason') or ''}".rstrip()
+    runtime_id = alert.get("id")
+    reason = str(alert.get("reason") or "")
+    subject = runtime_id if isinstance(runtime_id, str) else ""
+    count = alert.get("count")
+    if runtime_id is None and isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        subject = f"{count} runtime{'s' if count != 1 else ''}"
+        ids = alert.get("runtime_ids")
+        if isinstance(ids, list) and ids:
+            more = count - len(ids)
+            listed = ", ".join(map(str, ids)) + (f" and {more} more" if more > 0 else "")
+            reason = f"{reason}: {listed}" if reason else listed
+    cells = (shown_at, paint(event.ljust(9), event, color), subject, reason)
+    return "  ".join(cell for cell in cells if cell).rstrip()
+
+
+def _is_alert(doc: object) -> bool:
+    """Whether ``doc`` is an alert document: an ``event`` name, an ``id`` (null for a summary) and an ``at``.
+
+    Statuses, stats and the orchestrator's state have no ``event``; a broker
+    or a stray publisher can put them where ``alerts --follow`` reads.
+    """
+    if not isinstance(doc, dict) or "id" not in doc:
+        return False
+    return isinstance(doc.get("event"), str) and isinstance(doc["id"], str | None) and isinstance(doc.get("at"), str)
 
 
 def _alert_of(flip: FlipRow) -> dict[str, Any]:
@@ -234,12 +264,15 @@ def follow_alerts(config: Config, *, as_json: bool, color: bool) -> int:
         print(f"lost the broker {address.url} ({rc}); reconnecting", file=sys.stderr, flush=True)
 
     def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic != topic:  # a broker may send what we did not subscribe to (amqtt's retained replay)
+            return
         try:
             alert = json.loads(message.payload)
-            if not isinstance(alert, dict):
-                raise ValueError("not an object")
         except ValueError:
-            print(f"skipped a malformed alert: {bytes(message.payload)[:200]!r}", file=sys.stderr, flush=True)
+            alert = None
+        if not _is_alert(alert):
+            shown = bytes(message.payload)[:200]
+            print(f"skipped a message that is not an alert: {shown!r}", file=sys.stderr, flush=True)
             return
         print(json.dumps(alert) if as_json else format_alert(alert, color=color), flush=True)
 

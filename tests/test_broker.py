@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
+import inspect
 import logging
 import os
 import re
@@ -13,13 +15,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from amqtt.broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
+from orchestrator.amqtt_retained import HOOK, OwnSubscriptionsBroker, holds
 from orchestrator.broker import EmbeddedBroker, child_env, free_port
+from runtime_agent import protocol
+
+from .harness import TOPICS
 
 
 def round_trip(port: int, timeout: float = 10.0) -> bool:
@@ -171,3 +180,220 @@ def test_a_broker_that_cannot_start_again_retries_after_jittered_delays(caplog: 
     assert 0.25 <= first <= 0.75  # 0.5 s, times 0.5-1.5
     assert 0.5 <= second <= 1.5  # doubled
     assert (first, second) != (0.5, 1.0)
+
+
+# --- retained messages: only for the client's own subscriptions (issue 20) ----------------------
+
+
+class Client:
+    """A paho MQTT 3.1.1 client on a thread of its own that records ``(topic, payload, retain)`` of what it gets."""
+
+    def __init__(self, port: int, client_id: str, *, clean_session: bool = True) -> None:
+        self.received: list[tuple[str, bytes, bool]] = []
+        self.session_present = False
+        self._cond = threading.Condition()
+        self._acked: set[int] = set()
+        self._connected = threading.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session, protocol=mqtt.MQTTv311
+        )
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._client.connect("127.0.0.1", port)
+        self._client.loop_start()
+        if not self._connected.wait(10):
+            self.close()
+            raise TimeoutError(f"{client_id} got no CONNACK from port {port}")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        self.session_present = bool(flags.session_present)
+        self._connected.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any = None) -> None:
+        with self._cond:
+            self._acked.add(mid)
+            self._cond.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.received.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self._cond.notify_all()
+
+    def wait(self, done: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+        with self._cond:
+            assert self._cond.wait_for(done, timeout), f"{what} within {timeout} s; received {self.received}"
+
+    def subscribe(self, *filters: str) -> None:
+        """Subscribe at QoS 1 and return after the SUBACK."""
+        _, mid = self._client.subscribe([(f, 1) for f in filters])
+        self.wait(lambda: mid in self._acked, f"no SUBACK for {filters}")
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self._client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+    def barrier(self, topic: str) -> list[tuple[str, bytes, bool]]:
+        """Everything received before a marker published now on ``topic`` (which this client subscribes to) came back.
+
+        The broker sends a client its retained messages before it reads the
+        client's next packet, so once the marker is back, none is still on its way.
+        """
+        marker = f"marker-{uuid.uuid4().hex}".encode()
+        self.publish(topic, marker)
+        self.wait(lambda: any(payload == marker for _, payload, _ in self.received), "the marker did not come back")
+        with self._cond:
+            return self.received[: [payload for _, payload, _ in self.received].index(marker)]
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def _status(runtime_id: str) -> bytes:
+    return protocol.encode_status(
+        runtime_id, state="dead", interval=1.0, grace=1.0, last_seen=None, since=1.0, reason="connection lost"
+    )
+
+
+@contextlib.contextmanager
+def retained_statuses(port: int) -> Iterator[Client]:
+    """Retained statuses of ``rt-1`` and ``rt-2``, and a client subscribed to ``{p}/status/+`` until the end.
+
+    That client (a dashboard, an observer) is what amqtt as released replayed
+    to every client that connected: the retained messages of every filter
+    any client holds. It returns once the broker has stored both (it
+    retains a message before it sends it on, and this client got both).
+    """
+    with Client(port, "status-watcher") as watcher:
+        watcher.subscribe(TOPICS.status_filter)
+        for runtime_id in ("rt-1", "rt-2"):
+            watcher.publish(TOPICS.status(runtime_id), _status(runtime_id), retain=True)
+        watcher.wait(lambda: len(watcher.received) == 2, "the watcher did not get both statuses")
+        yield watcher
+
+
+LEAK = (
+    "the embedded broker sent a client retained messages its own subscriptions do not match: amqtt's replay "
+    f"after CONNECT no longer goes through the hook orchestrator/amqtt_retained.py guards ({HOOK})?"
+)
+
+
+def test_a_client_gets_no_retained_message_that_its_own_subscriptions_do_not_match() -> None:
+    def scenario(port: int) -> None:
+        with retained_statuses(port), Client(port, "alerts-only") as client:
+            client.subscribe(TOPICS.alerts)
+            assert client.barrier(TOPICS.alerts) == [], LEAK
+
+    async def check(broker: EmbeddedBroker) -> None:
+        await asyncio.to_thread(scenario, broker.port)
+
+    with_broker(check)
+
+
+def test_a_new_subscription_gets_the_retained_messages_it_matches_and_only_those() -> None:
+    def scenario(port: int) -> None:
+        with retained_statuses(port), Client(port, "rt-1-watcher") as client:
+            client.subscribe(TOPICS.status("rt-1"))
+            got = client.barrier(TOPICS.status("rt-1"))
+        assert got != [], (
+            f"a new subscription got no retained message: does amqtt now call {HOOK} before it records the "
+            "subscription? orchestrator/amqtt_retained.py's guard needs it recorded first"
+        )
+        assert got == [(TOPICS.status("rt-1"), _status("rt-1"), True)], LEAK
+
+    async def check(broker: EmbeddedBroker) -> None:
+        await asyncio.to_thread(scenario, broker.port)
+
+    with_broker(check)
+
+
+def test_a_persistent_session_that_reconnects_gets_the_retained_messages_of_its_own_subscriptions_only() -> None:
+    topic = TOPICS.status("rt-1")
+
+    def scenario(port: int) -> None:
+        with retained_statuses(port):
+            # amqtt forgets an anonymous session within a second of its disconnect (every session is
+            # anonymous on the embedded broker): try again until the reconnect finds the session.
+            for _ in range(10):
+                with Client(port, "persistent", clean_session=False) as first:
+                    first.subscribe(topic)
+                with Client(port, "persistent", clean_session=False) as again:
+                    if not again.session_present:
+                        continue
+                    # amqtt replays after CONNECT, before it reads the client's next packet: what came before
+                    # this SUBACK is the replay. Not a marker: when it handles the old connection's disconnect
+                    # after the reconnect (a take-over), amqtt holds live messages for a session it thinks offline.
+                    again.subscribe("test/nothing-retained")
+                    got = again.received[:]
+                assert got != [], f"a persistent session's reconnect got no retained message (through {HOOK})"
+                assert got == [(topic, _status("rt-1"), True)], LEAK
+                return
+            pytest.fail("amqtt never kept the session across a reconnect, in 10 tries")
+
+    async def check(broker: EmbeddedBroker) -> None:
+        await asyncio.to_thread(scenario, broker.port)
+
+    with_broker(check)
+
+
+def test_amqtt_still_has_the_method_the_retained_patch_overrides() -> None:
+    """The patch overrides a private amqtt method: renamed or re-shaped, it would silently do nothing."""
+    hook = getattr(Broker, HOOK, None)
+    assert callable(hook), (
+        f"amqtt {importlib.metadata.version('amqtt')} has no Broker.{HOOK}: orchestrator/amqtt_retained.py "
+        "overrides nothing, so clients may get other clients' retained messages again (issue 20); see how this "
+        "amqtt replays retained messages after CONNECT and SUBSCRIBE, and adapt or drop the patch"
+    )
+    assert list(inspect.signature(hook).parameters) == ["self", "subscription", "session"], (
+        f"amqtt's Broker.{HOOK} takes other arguments now: adapt orchestrator/amqtt_retained.py"
+    )
+    assert HOOK in vars(OwnSubscriptionsBroker)
+
+
+class _RecordingBroker(OwnSubscriptionsBroker):
+    """Records, for each call of the hook, the filter and whether the session held it at that moment."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.calls: list[tuple[str, bool]] = []
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Any) -> None:
+        self.calls.append((subscription[0], holds(self, session, subscription[0])))
+        await super()._publish_retained_messages_for_subscription(subscription, session)
+
+
+def test_amqtt_records_a_subscription_before_it_sends_the_retained_messages_for_it() -> None:
+    """The patch sends retained messages only for filters the session holds, so SUBSCRIBE must record it first."""
+
+    async def run() -> None:
+        port = free_port()
+        broker = _RecordingBroker(
+            {
+                "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            }
+        )
+        await broker.start()
+        try:
+
+            def subscribe() -> None:
+                with Client(port, "recorded") as client:
+                    client.subscribe("probe/a")
+                    client.barrier("probe/a")  # the broker calls the hook before it reads the marker
+
+            await asyncio.to_thread(subscribe)
+        finally:
+            await broker.shutdown()
+        assert broker.calls, f"amqtt no longer calls {HOOK} on SUBSCRIBE: adapt orchestrator/amqtt_retained.py"
+        assert broker.calls == [("probe/a", True)], (
+            f"amqtt now calls {HOOK} before it records the subscription, so orchestrator/amqtt_retained.py "
+            f"withholds a new subscription's retained messages: {broker.calls}"
+        )
+
+    asyncio.run(run())

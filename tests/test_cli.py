@@ -21,13 +21,15 @@ import paho.mqtt.publish as publish
 import pytest
 
 from orchestrator.admin import format_reply, parse_duration
-from orchestrator.broker import free_port
+from orchestrator.broker import broker_command, child_env, free_port
 from orchestrator.config import ConfigError
+from orchestrator.notify import EVENTS, Notice
 from orchestrator.reports import format_alert, format_table
 from orchestrator.store import FlipRow, RuntimeRow, Store
 from orchestrator.terminal import ago, duration, use_color
+from runtime_agent import protocol
 
-from .harness import ROOT, TOPICS, MosquittoBroker
+from .harness import ROOT, TOPICS, MosquittoBroker, Observer
 
 T0 = 1795902116.123456
 """2026-11-28T21:41:56.123456Z"""
@@ -610,6 +612,144 @@ def test_alerts_follow_of_an_unreachable_broker_exits_1_saying_so(tmp_path: Path
     assert result.returncode == 1
     assert "cannot reach the broker mqtt://127.0.0.1:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+AT = T0 + 3
+
+
+@pytest.mark.parametrize(
+    ("alert", "line"),
+    [
+        (
+            Notice("silence_ended", None, AT, None, "silence on 'db-*' expired (kernel upgrade)", count=0).to_dict(),
+            "2026-11-28T21:41:59Z  silence_ended  silence on 'db-*' expired (kernel upgrade)",
+        ),
+        (
+            Notice("silence_ended", "db-1", AT, None, "silence on 'db-1' lifted").to_dict(),
+            "2026-11-28T21:41:59Z  silence_ended  db-1  silence on 'db-1' lifted",
+        ),
+        (
+            Notice("outage", None, AT, None, "more than 20 died within 10 s", ("w-1", "w-2"), 250).to_dict(),
+            "2026-11-28T21:41:59Z  outage     250 runtimes  more than 20 died within 10 s: w-1, w-2 and 248 more",
+        ),
+        (
+            Notice("reminder", None, AT, None, "", ("w-1",), 1).to_dict(),
+            "2026-11-28T21:41:59Z  reminder   1 runtime  w-1",
+        ),
+        (
+            json.loads(protocol.encode_monitor_down(since=T0, back=AT + 120, runtimes=3)),
+            "2026-11-28T21:43:59Z  monitor_down  the orchestrator was not running for about 123 s",
+        ),
+    ],
+)
+def test_format_alert_of_a_summary_names_what_it_covers_never_none(alert: dict[str, Any], line: str) -> None:
+    assert format_alert(alert) == line
+
+
+@pytest.mark.parametrize("event", EVENTS)
+@pytest.mark.parametrize("runtime_id", ["rt-1", None])
+def test_format_alert_prints_no_none_for_any_event(event: str, runtime_id: str | None) -> None:
+    alert = Notice(event, runtime_id, AT, None, None, count=0 if runtime_id is None else 1).to_dict()
+    assert "None" not in format_alert(alert)
+
+
+STOCK_AMQTT = """
+import asyncio, sys
+from amqtt.broker import Broker
+async def main():
+    broker = Broker({
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{sys.argv[1]}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    })
+    await broker.start()
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.read)
+    await broker.shutdown()
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(params=["embedded", "stock-amqtt"])
+def amqtt_port(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The port of an amqtt broker of the test's own: the embedded one, or amqtt as released.
+
+    A site may run amqtt as released as its broker: that one sends a client
+    the retained messages of every other client's subscriptions (issue 20).
+    """
+    port = free_port()
+    script = [sys.executable, "-c", STOCK_AMQTT, str(port)]
+    command = broker_command("127.0.0.1", port) if request.param == "embedded" else script
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env())
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        yield port
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+NOT_ALERTS = [
+    protocol.encode_status(
+        "rt-1", state="dead", interval=1.0, grace=1.0, last_seen=None, since=T0, reason="connection lost"
+    ),
+    json.dumps({"state": "online"}).encode(),
+    json.dumps({"event": "dead", "reason": "no id, no time"}).encode(),
+    b"not json",
+]
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_alerts_follow_prints_only_the_alerts_whatever_else_the_broker_sends(
+    tmp_path: Path, amqtt_port: int, as_json: bool
+) -> None:
+    """Retained statuses, stats and state (amqtt replayed them to every client), and non-alerts on the alert topic."""
+    retained = [
+        (TOPICS.status("rt-1"), NOT_ALERTS[0]),
+        (TOPICS.orchestrator_state, NOT_ALERTS[1]),
+        (TOPICS.orchestrator_stats, json.dumps({"runtimes": 1, "alerts": 0}).encode()),
+        (f"{TOPICS.alerts}-elsewhere", json.dumps({**ALERT, "id": "elsewhere"}).encode()),  # an alert, not on its topic
+    ]
+    summary = Notice("outage", None, AT, None, "many died", ("w-1",), 2).to_dict()
+    observer = Observer(amqtt_port)  # holds {p}/#, whose retained messages amqtt as released sends everyone
+    following: subprocess.Popen[str] | None = None
+    try:
+        for topic, payload in retained:
+            publish.single(topic, payload, qos=1, retain=True, hostname="127.0.0.1", port=amqtt_port)
+        observer.wait_for(lambda m: m.topic == retained[-1][0], 10)  # so the broker has stored them all
+        following = _popen(
+            "alerts",
+            "--follow",
+            "--broker",
+            f"mqtt://127.0.0.1:{amqtt_port}",
+            *(("--json",) if as_json else ()),
+            cwd=tmp_path,
+        )
+        assert following.stdout is not None
+        assert following.stderr is not None
+        _read_until(following.stderr, "following")
+        payloads = [*NOT_ALERTS, json.dumps(ALERT).encode(), json.dumps(summary).encode()]
+        publish.multiple(
+            [(TOPICS.alerts, payload, 1, False) for payload in payloads], hostname="127.0.0.1", port=amqtt_port
+        )
+        lines = _read_until(following.stdout, "w-1")  # the last alert: every message before it was handled
+    finally:
+        if following is not None:
+            following.kill()
+            following.wait(5)
+        observer.close()
+    if as_json:
+        assert [json.loads(line) for line in lines] == [ALERT, summary]
+    else:
+        assert lines == [
+            "2026-11-29T01:02:03Z  dead       worker-7  gone\n",
+            "2026-11-28T21:41:59Z  outage     2 runtimes  many died: w-1 and 1 more\n",
+        ]
 
 
 # --- history --------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mappin
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import aiohttp
 import pytest
@@ -27,7 +29,7 @@ from orchestrator.service import Orchestrator
 from orchestrator.web import WebServer, WebStartError
 from runtime_agent import protocol
 
-from .harness import Deployment
+from .harness import TOPICS, Deployment, Observer
 
 # --- a fake orchestrator ---------------------------------------------------------------
 
@@ -208,6 +210,35 @@ def test_the_page_s_assets_are_served(source: FakeSource, name: str) -> None:
             return response.status
 
     assert run(scenario()) == 200
+
+
+@pytest.mark.parametrize("path", ["/favicon.ico", "/favicon.svg"])
+def test_the_icon_is_served_as_svg(source: FakeSource, path: str) -> None:
+    """Browsers ask for ``/favicon.ico`` unbidden (on the JSON pages too): an icon, not a 404 in their console."""
+
+    async def scenario() -> tuple[int, str, bytes]:
+        async with serving(source) as (_, http), http.get(path) as response:
+            return response.status, response.content_type, await response.read()
+
+    status, content_type, body = run(scenario())
+    assert (status, content_type) == (200, "image/svg+xml")
+    assert ElementTree.fromstring(body).tag == "{http://www.w3.org/2000/svg}svg"
+
+
+def test_the_page_links_an_icon_that_is_served(source: FakeSource) -> None:
+    async def scenario() -> tuple[str | None, int]:
+        async with serving(source) as (_, http):
+            async with http.get("/") as response:
+                page = await response.text()
+            link = re.search(r'<link rel="icon" href="([^"]+)"', page)
+            if link is None:
+                return None, 0
+            async with http.get(link[1]) as response:
+                return link[1], response.status
+
+    href, status = run(scenario())
+    assert href is not None, "no <link rel=icon> in the page"
+    assert status == 200, href
 
 
 # --- the event stream ---------------------------------------------------------------------
@@ -462,6 +493,13 @@ def test_orchestrator_runtime_is_its_status_object(orchestrator: Orchestrator) -
     assert status == orchestrator.overview.runtimes()[0]
 
 
+def test_orchestrator_runtime_is_its_retained_status_document(orchestrator: Orchestrator) -> None:
+    """docs/dashboard.md: the API's object has the status topic's fields, meaning the same; built at once, equal."""
+    _, payload, retained = orchestrator.statuses.status("rt-1")
+    assert retained
+    assert orchestrator.overview.runtime("rt-1") == json.loads(payload)
+
+
 def test_orchestrator_runtime_of_an_unknown_id_is_none(orchestrator: Orchestrator) -> None:
     assert orchestrator.overview.runtime("nobody") is None
 
@@ -515,6 +553,43 @@ def test_api_runtimes_equals_status_json(web_deployment: tuple[Deployment, str])
         return None if agree else (api, cli, seen)
 
     assert eventually(lambda: same() is None), same()
+
+
+@pytest.mark.e2e
+def test_api_last_seen_is_live_where_the_retained_status_keeps_its_last_change(
+    web_deployment: tuple[Deployment, str],
+) -> None:
+    """docs/dashboard.md: the same fields as ``{p}/status/{id}``, but pulses move only the API's ``last_seen``.
+
+    A live registration makes the runtime alive: that one change of state is
+    the only status published. The pulses after it change no state, so the
+    topic keeps that ``last_seen`` while the API follows each pulse.
+    """
+    d, url = web_deployment
+    started = time.monotonic()
+    rt = d.runtime("rt-web-4", mqtt5=True)
+    rt.register(60)
+    published = d.observer.wait_status("rt-web-4", "alive", 15, after=started).json()
+
+    def live() -> dict[str, Any]:
+        return next(s for s in json.loads(get(f"{url}/api/runtimes")[1]) if s["id"] == "rt-web-4")
+
+    seen = [published["last_seen"]]
+    for _ in range(2):
+        rt.pulse()
+        # ISO 8601 UTC strings of one length compare as the times do.
+        assert eventually(lambda: (now := live()["last_seen"]) is not None and (seen[-1] is None or now > seen[-1]))
+        seen.append(live()["last_seen"])
+    api = live()
+    fresh = Observer(d.port, mqtt5=True)  # a new subscriber gets the retained copy as it stands
+    try:
+        retained = fresh.wait_for(lambda m: m.topic == TOPICS.status("rt-web-4"), 10).json()
+    finally:
+        fresh.close()
+    assert retained == published
+    assert api.keys() == retained.keys()
+    assert {**api, "last_seen": None} == {**retained, "last_seen": None}
+    assert api["last_seen"] == seen[-1] != retained["last_seen"]
 
 
 @pytest.mark.e2e

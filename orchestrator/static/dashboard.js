@@ -2,12 +2,15 @@
 // Only one page of rows (PAGE) is ever in the DOM, so 100,000 runtimes stay responsive;
 // relative times tick here, and the last-seen times of the rows on screen are refreshed
 // with one small lookup every few seconds (pulses themselves never reach the page).
+// Hovering a relative time shows the absolute one, in the browser's time zone.
 "use strict";
 
 const PAGE = 500;
 const SEEN_REFRESH_MS = 5000;
 const RENDER_GAP_MS = 250;
 const SEVERITY = { dead: 0, unknown: 1, stopped: 2, alive: 3 };
+// A distinct shape per state, beside the word: the state never rests on colour alone.
+const ICONS = { alive: "✓", dead: "✕", stopped: "■", unknown: "?" };
 
 const runtimes = new Map();
 let clockOffset = 0; // server time minus browser time, in ms
@@ -17,7 +20,7 @@ let filterText = "";
 let filterState = "";
 let view = []; // the filtered, sorted runtimes; recomputed only when data or filters change
 let viewDirty = true;
-let shown = []; // [{r, seen, since}] for the rows in the DOM, so ticks touch only their cells
+let shown = []; // [{r, seen, since, seenAt}] for the rows in the DOM, so ticks touch only their cells
 let renderTimer = null;
 let lastRender = 0;
 let total = 0;
@@ -58,6 +61,23 @@ function ago(then) {
   return `${span(now() - then)} ago`;
 }
 
+// "2026-11-29 02:02:00.012 +01:00": ISO 8601 in the browser's time zone, with its offset so it is unambiguous.
+function absolute(then) {
+  const d = new Date(then);
+  const pad = (n, width = 2) => String(n).padStart(width, "0");
+  const offset = -d.getTimezoneOffset();
+  const sign = offset < 0 ? "-" : "+";
+  const zone = `${sign}${pad(Math.floor(Math.abs(offset) / 60))}:${pad(Math.abs(offset) % 60)}`;
+  const date = `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}`;
+  const time = `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+  return `${date} ${time} ${zone}`;
+}
+
+function setTitle(td, then) {
+  if (then === null) td.removeAttribute("title");
+  else td.title = absolute(then);
+}
+
 function span(ms) {
   const s = Math.max(0, ms / 1000);
   if (s < 60) return `${Math.floor(s)} s`;
@@ -71,6 +91,7 @@ const KEYS = {
   id: (r) => r.id,
   state: (r) => SEVERITY[r.state] ?? 9,
   interval: (r) => r.interval,
+  grace: (r) => r.grace,
   last_seen: (r) => (r.lastSeen === null ? Infinity : -r.lastSeen),
   since: (r) => -r.since,
   reason: (r) => r.reason,
@@ -113,6 +134,18 @@ function cell(tr, text, className) {
   return td;
 }
 
+function stateCell(tr, state) {
+  const badge = document.createElement("span");
+  badge.className = `badge state-${state}`;
+  const icon = document.createElement("span");
+  icon.className = "icon";
+  icon.setAttribute("aria-hidden", "true");
+  icon.textContent = ICONS[state] ?? "•";
+  badge.append(icon, state);
+  const td = cell(tr, "", "state");
+  td.appendChild(badge);
+}
+
 function render() {
   renderTimer = null;
   lastRender = performance.now();
@@ -128,13 +161,16 @@ function render() {
       r.changed = false;
     }
     cell(tr, r.id, "id");
-    cell(tr, r.state, `state state-${r.state}`);
-    cell(tr, `${r.interval} s`, "num");
+    stateCell(tr, r.state);
+    cell(tr, `${r.interval} s`, "num interval");
+    cell(tr, `${r.grace} s`, "num grace");
     const seen = cell(tr, ago(r.lastSeen), "seen");
+    setTitle(seen, r.lastSeen);
     const since = cell(tr, span(now() - r.since), "since");
+    setTitle(since, r.since);
     cell(tr, r.reason, "reason");
     body.appendChild(tr);
-    shown.push({ r, seen, since });
+    shown.push({ r, seen, since, seenAt: r.lastSeen });
   }
   $("rows").replaceChildren(body);
   const matching = view.length;
@@ -145,8 +181,13 @@ function render() {
 }
 
 function tick() {
-  for (const { r, seen, since } of shown) {
+  for (const row of shown) {
+    const { r, seen, since } = row;
     seen.textContent = ago(r.lastSeen);
+    if (row.seenAt !== r.lastSeen) {
+      row.seenAt = r.lastSeen; // refreshSeen moved it
+      setTitle(seen, r.lastSeen);
+    }
     since.textContent = span(now() - r.since);
   }
 }

@@ -186,19 +186,33 @@ class Registrar:
                     answer = True
                     self.stats["registration.healed"] += 1
                     log.info("%s registered from its retained request, fetched after it pulsed unregistered", rid)
+                changed = self._changes_status(rid, interval)
                 transition = self.detector.register(rid, interval.interval, interval.grace, now, live=not req.retained)
                 session = self._births.take(rid)
                 if session is not None:
                     self.detector.online(rid, now, session, live=False)  # records the session only
                 if transition is not None:
                     self._emit(transition)  # its status follows it
-                else:
+                elif changed:
                     self._publish_status(rid)
             if answer:
                 self.stats["registrations"] += 1
                 self.stats["registration.confirmed"] += 1
                 replies.append((req, protocol.encode_reply_ok(rid, interval)))
         self._rearm()
+
+    def _changes_status(self, runtime_id: str, interval: protocol.IntervalRequest) -> bool:
+        """Whether registering ``interval`` changes what the runtime's status shows: it is new, or its times are.
+
+        An agent sends its birth, then its request: the birth revives a dead
+        runtime (the status goes with that transition), and the request, the
+        same as before, had every registration publish the status a second
+        time, and every agent reconnecting after a broker restart one more.
+        """
+        if runtime_id not in self.detector:
+            return True
+        view = self.detector.view(runtime_id)
+        return (view.interval, view.grace) != (interval.interval, interval.grace)
 
     def _refetched(self, req: Request) -> bool:
         """A refused request that is the copy a fetch brought back: counted apart, not as a second rejection.

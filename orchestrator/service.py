@@ -31,7 +31,7 @@ from runtime_agent import protocol
 from runtime_agent.protocol import Topics
 from runtime_agent.url import redact_url
 
-from . import _paho
+from . import _paho, rejections
 from .broker import EmbeddedBroker, check_bindable
 from .clock import WallClock
 from .commands import Commander
@@ -222,8 +222,7 @@ class Orchestrator:
                 await asyncio.gather(*workers, return_exceptions=True)
                 await self.writer.final_flush()
         self.db.shutdown()
-        rejected = {k: v for k, v in self.stats.items() if k.startswith("rejected")}
-        log.info("stopped; pulses received %d, rejected %s", self.intake.pulses, rejected or "none")
+        log.info("stopped; pulses received %d, rejected: %s", self.intake.pulses, rejections.summary(self.stats))
 
     async def _restore(self) -> None:
         """Every registered runtime into the detector, the silences into the dispatcher; a long downtime noted."""

@@ -152,13 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("interrupted while starting")
             agent.stop()  # the signal may have come just after start() returned
             return 0
-        return _run(agent, args, stop)
+        return _run(agent, stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _run(agent: Agent, args: argparse.Namespace, stop: threading.Event) -> int:
+def _run(agent: Agent, stop: threading.Event) -> int:
     """Announce the registration, now or when the late reply comes, and pulse until ``stop``.
 
     Exits 1 if the orchestrator rejects the interval before ever accepting
@@ -174,7 +174,7 @@ def _run(agent: Agent, args: argparse.Namespace, stop: threading.Event) -> int:
             flush=True,
         )
     else:
-        _announce(agent, args)
+        _announce(agent)
     # A signal that the kernel hands to another thread (paho's, the pulser's) runs its handler only once
     # the main thread runs Python again; blocked in a lock with no timeout, it would never stop.
     while not stop.wait(_SIGNAL_POLL):
@@ -187,28 +187,15 @@ def _run(agent: Agent, args: argparse.Namespace, stop: threading.Event) -> int:
         except RegistrationRejected as exc:
             agent.stop()
             return _error(exc, 1)
-        _announce(agent, args)
+        _announce(agent)
         waiting = False
     agent.stop()
     return 0
 
 
-def _announce(agent: Agent, args: argparse.Namespace) -> None:
-    """The one stdout line: what the orchestrator accepted (its reply), falling back to what we asked for."""
-    reply = agent.reply
-    interval = _seconds(reply.interval if reply else None, agent.interval)
-    grace = _seconds(reply.grace if reply else None, args.grace or interval)
-    print(
-        f"{PROG}: runtime {agent.runtime_id} registered (interval {interval:g} s, grace {grace:g} s) "
-        f"on {agent.broker}; pulsing",
-        flush=True,
-    )
-
-
-def _seconds(value: object, fallback: float) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return fallback
+def _announce(agent: Agent) -> None:
+    """The one stdout line: what the orchestrator accepted, worded as the agent's log line words it."""
+    print(f"{PROG}: runtime {agent.runtime_id} registered ({agent.applied}) on {agent.broker}; pulsing", flush=True)
 
 
 def _error(error: BaseException, status: int) -> int:

@@ -177,11 +177,15 @@ class AgentSettings:
             f"{self.url} (prefix {self.topics.prefix!r})"
         )
 
-    def applied(self, reply: protocol.Reply) -> str:
-        """``interval I s, grace G``: what the orchestrator applied, for log lines."""
-        interval = reply.interval if reply.interval is not None else self.interval
-        grace = f"{reply.grace:g} s" if reply.grace is not None else "default"
-        return f"interval {interval:g} s, grace {grace}"
+    def applied(self, reply: protocol.Reply | None) -> str:
+        """``interval I s, grace G s``: what the orchestrator applied, in the one wording of every message.
+
+        What was asked where the reply does not say it as a number; the
+        orchestrator's default grace is the interval.
+        """
+        interval = _seconds_or(reply.interval if reply else None, self.interval)
+        grace = _seconds_or(reply.grace if reply else None, interval if self.grace is None else self.grace)
+        return f"interval {interval:g} s, grace {grace:g} s"
 
     def connect_message(self, error: object) -> str:
         hint = ""
@@ -231,6 +235,17 @@ def reason_value(reason: object) -> int | None:
     reason = getattr(reason, "rc", reason)
     value = getattr(reason, "value", reason)
     return value if isinstance(value, int) else None
+
+
+def _seconds_or(value: object, fallback: float) -> float:
+    """``value`` if it is a finite number of seconds (a reply is not validated), else ``fallback``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return fallback
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond any float
+        return fallback
+    return seconds if math.isfinite(seconds) else fallback
 
 
 def _positive(name: str, value: float) -> float:
@@ -374,6 +389,11 @@ class AgentState:
     def reply(self) -> protocol.Reply | None:
         """The orchestrator's latest reply, with the interval and grace it applied."""
         return self._reply
+
+    @property
+    def applied(self) -> str:
+        """``interval I s, grace G s``, as the orchestrator's latest reply has them (before one, as asked)."""
+        return self._settings.applied(self._reply)
 
     # --- what replies mean, alike in both agents (the thread agent calls these under its lock) ---
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from orchestrator.broker import free_port
 from runtime_agent import Agent, AsyncAgent, ConnectError, RegistrationRejected, RegistrationTimeout, protocol
 from runtime_agent.backoff import backoff_delays
-from runtime_agent.shared import RETRY_FIRST, RETRY_MAX, default_client_id, next_pulse_at
+from runtime_agent.shared import RETRY_FIRST, RETRY_MAX, AgentSettings, default_client_id, next_pulse_at
 
 from .harness import MosquittoBroker, start_mosquitto
 
@@ -70,9 +71,18 @@ class FakeOrchestrator:
     so it survives a broker restart.
     """
 
-    def __init__(self, port: int, *, error: str | None = None, ignore: int = 0) -> None:
+    def __init__(
+        self,
+        port: int,
+        *,
+        error: str | None = None,
+        ignore: int = 0,
+        reply: Callable[[str, protocol.IntervalRequest], bytes] | None = None,
+    ) -> None:
         self.error = error
         self.ignore = ignore
+        self.reply = reply
+        """Builds each ok reply, if given (another orchestrator's wording, say)."""
         self.seen: list[Seen] = []
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
@@ -102,7 +112,9 @@ class FakeOrchestrator:
             self._cond.notify_all()
         if kind == "interval" and payload and len(self.requests(rid)) > self.ignore:
             request = protocol.decode_interval(payload)
-            if self.error is None:
+            if self.reply is not None:
+                reply = self.reply(rid, request)
+            elif self.error is None:
                 reply = protocol.encode_reply_ok(rid, request)
             else:
                 reply = protocol.encode_reply_error(rid, self.error)
@@ -404,6 +416,19 @@ def test_default_resend_schedule_stays_far_below_the_orchestrators_rate_limit() 
 
 
 @pytest.mark.parametrize(
+    ("interval", "grace", "applied"),
+    [
+        (2.0, 3.0, "interval 2 s, grace 3 s"),
+        (2.5, None, "interval 2.5 s, grace 2.5 s"),  # the orchestrator's default grace is the interval
+        ("2", "x", "interval 1 s, grace 1 s"),  # no numbers: what was asked (it raised ValueError)
+    ],
+)
+def test_what_was_applied_reads_the_same_from_any_reply(interval: Any, grace: Any, applied: str) -> None:
+    settings = AgentSettings.build("web-1", interval=1, broker="mqtt://127.0.0.1:1")
+    assert settings.applied(protocol.Reply(ok=True, id="web-1", interval=interval, grace=grace)) == applied
+
+
+@pytest.mark.parametrize(
     "options",
     [
         {"interval": 0.01},
@@ -600,6 +625,28 @@ def test_unreachable_broker_raises_connect_error_naming_the_url() -> None:
     assert time.monotonic() - began < 2.5
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_an_unreachable_broker_is_tried_for_as_long_as_the_error_says(kind: str) -> None:
+    """It said "within 3 s" after 1.6 s: it gave up as soon as the next delay would pass the deadline.
+
+    With the default delays (0.5 s doubling, times 0.5-1.5) it used to give up
+    after 0.25-1.5 s of a 1.5 s timeout, whatever the jitter drew.
+    """
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    options: dict[str, Any] = {"interval": INTERVAL, "broker": url, "timeout": 1.5}
+    if kind == "thread":
+        start = Agent(runtime_id(), **options).start
+    else:
+        agent = AsyncAgent(runtime_id(), **options)
+        start = lambda: asyncio.run(agent.start())  # noqa: E731
+    began = time.monotonic()
+    with pytest.raises(ConnectError, match=rf"^cannot connect to the broker at {url} within 1\.5 s: "):
+        start()
+    took = time.monotonic() - began
+    assert 1.5 <= took < 2.5, took
+
+
 RECONNECT: dict[str, float] = {"reconnect_min": 0.1, "reconnect_max": 0.4}
 """Reconnect options short enough to see three jittered delays within a second or so."""
 
@@ -778,6 +825,24 @@ def test_cli_prints_one_registration_line(
         f"heartbeat-agent: runtime {rid} registered (interval {INTERVAL:g} s, grace {INTERVAL:g} s) "
         f"on {mosquitto.url}; pulsing"
     )
+
+
+@pytest.mark.timeout(30)
+def test_cli_words_what_was_applied_as_its_log_line_does(
+    run_cli: Callable[..., AgentProcess], mosquitto: MosquittoBroker, make_orchestrator: Callable[..., FakeOrchestrator]
+) -> None:
+    """One wording for the interval and grace: the stdout line and the log line had each their own, and told
+    a reply without the grace apart ("grace default" in one, "grace 0.5 s" in the other)."""
+    make_orchestrator(
+        reply=lambda rid, request: json.dumps({"ok": True, "id": rid, "interval": request.interval}).encode()
+    )
+    rid = runtime_id()
+    agent = run_cli(*cli_args(mosquitto, rid, "--grace", "0.5"))
+    line = agent.wait_registered()
+    logged = agent.wait_stderr_line(f"runtime {rid} registered on ")
+    applied = f"interval {INTERVAL:g} s, grace 0.5 s"
+    assert line == f"heartbeat-agent: runtime {rid} registered ({applied}) on {mosquitto.url}; pulsing"
+    assert logged.endswith(f"runtime {rid} registered on {mosquitto.url} ({applied})"), logged
 
 
 @pytest.mark.timeout(30)

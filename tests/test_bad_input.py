@@ -6,18 +6,25 @@ exists (interval requests with a valid ID), the reply says why.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import re
 import socket
 import struct
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from orchestrator.config import Config
+from orchestrator.service import Orchestrator
 from runtime_agent import protocol
 
 from .harness import TOPICS, Deployment, Runtime
+from .test_service import UNREACHABLE_BROKER, running, until
 
 pytestmark = pytest.mark.e2e
 
@@ -71,25 +78,34 @@ def watched(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> 
         d.close()
 
 
+_BARRIER = "barrier-"
+"""The IDs :func:`_barrier` registers, left out of :func:`_states`."""
+
+
 def _states(d: Deployment) -> dict[str, tuple[str, float, float]]:
-    return {row["id"]: (row["state"], row["interval"], row["grace"]) for row in d.status_json()}
+    rows = d.status_json()
+    return {
+        row["id"]: (row["state"], row["interval"], row["grace"]) for row in rows if not row["id"].startswith(_BARRIER)
+    }
 
 
 def _barrier(d: Deployment, sender: Runtime) -> None:
     """Return once the orchestrator has handled everything ``sender`` published before, and told of it.
 
-    ``sender`` sends ``rt-alive``'s registration again, unchanged (it changes
-    nothing). The broker delivers one client's messages in order, the intake
-    reads them in order and the registrar takes requests in order: the reply
-    proves every message before it was handled. Its status is published with
-    the outbox round after it, behind every alert and status due before, on
-    the same connection: a change the bad messages made would show first.
+    ``sender`` registers a fresh runtime. The broker delivers one client's
+    messages in order, the intake reads them in order and the registrar
+    takes requests in order: the reply proves every message before it was
+    handled. Its first status is sent once the outbox has published every
+    alert and status due before, on the same connection: a change the bad
+    messages made would show first. (Not ``rt-alive``'s registration again:
+    unchanged, it publishes no status.)
     """
+    barrier = f"{_BARRIER}{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
-    sender.publish(TOPICS.interval("rt-alive"), protocol.encode_interval(30.0, 30.0))
-    reply = d.observer.wait_for(lambda m: m.topic == TOPICS.reply("rt-alive"), 10, after=started)
+    sender.publish(TOPICS.interval(barrier), protocol.encode_interval(3600.0))
+    reply = d.observer.wait_for(lambda m: m.topic == TOPICS.reply(barrier), 10, after=started)
     assert reply.json()["ok"] is True, reply.json()
-    d.observer.wait_for(lambda m: m.topic == TOPICS.status("rt-alive") and bool(m.payload), 10, after=started)
+    d.observer.wait_status(barrier, "alive", 10, after=started)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INTERVAL_PAYLOADS))
@@ -138,9 +154,39 @@ def test_bad_ids_on_every_topic_are_rejected_and_counted(watched: Deployment) ->
     assert set(_states(watched)) == {"rt-alive", "rt-dead"}
     orchestrator = watched.orchestrators[-1]
     assert orchestrator.stop() == 0
-    summary = orchestrator.log().rsplit("stopped; pulses received", 1)[1]
-    assert "'rejected.bad_id'" in summary
-    assert "'rejected.unregistered'" in summary
+    assert {"bad_id", "unregistered"} <= set(_stop_line_rejections(orchestrator.log()))
+
+
+def _stop_line_rejections(log: str) -> dict[str, int]:
+    """The rejections on an orchestrator's last stop line, which must read ``rejected: reason=n ...``."""
+    line = [line for line in log.splitlines() if "stopped; pulses received" in line][-1]
+    found = re.search(r"; pulses received \d+, rejected: ((?:\w+=\d+ )*\w+=\d+)$", line)
+    assert found, line  # it printed a Python dict: {'rejected.bad_id': 8, ...}
+    return {reason: int(n) for reason, n in (pair.split("=") for pair in found[1].split())}
+
+
+def test_a_bad_runtime_id_is_named_once_in_a_plain_log_line(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A bad ID's line read "rejected interval request: invalid runtime id 'x y': use 1-128 characters of
+    A-Z a-z 0-9 . _ - :: 'x y'": the protocol's error, then the ID once more. The stop line shows the counts."""
+    caplog.set_level(logging.INFO, logger="orchestrator")
+    orchestrator = Orchestrator(Config(db=sqlite_url, broker=UNREACHABLE_BROKER))
+    runtimes = f"{TOPICS.prefix}/runtimes"
+
+    async def scenario() -> None:
+        async with running(orchestrator):
+            orchestrator.intake.receive(f"{runtimes}/a b/pulse", b"", False)
+            orchestrator.intake.receive(f"{runtimes}/c d/state", protocol.encode_state("online", 1), False)
+            orchestrator.intake.receive(f"{runtimes}/x y/interval", protocol.encode_interval(5.0), False)
+            await until(lambda: orchestrator.stats["rejected.bad_id"] == 1)
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+    messages = [record.getMessage() for record in caplog.records]
+    assert [m for m in messages if m.startswith("rejected ")] == [
+        "rejected pulse: bad runtime id 'a b' (logged once per ID)",
+        "rejected state: bad runtime id 'c d' (logged once per ID)",
+        "rejected interval request: bad runtime id 'x y' (logged once per ID)",
+    ]
+    assert _stop_line_rejections("\n".join(messages)) == {"bad_id": 1, "unregistered": 2}
 
 
 def _raw_publish(port: int, topic: str, payload: bytes) -> None:

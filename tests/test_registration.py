@@ -13,8 +13,10 @@ import json
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -225,3 +227,86 @@ def test_an_interval_request_with_a_response_topic_is_answered_there_with_its_co
         requester.disconnect()
     assert json.loads(answers[0].payload)["ok"] is True
     assert answers[0].properties.CorrelationData == b"corr-7"
+
+
+# --- one status per registration -------------------------------------------------------------
+
+
+def _statuses_since(d: Deployment, sender: Runtime, runtime_id: str, after: float) -> list[dict[str, Any]]:
+    """The statuses of ``runtime_id`` published since ``after``, once every status due before is out.
+
+    The barrier: a fresh runtime registered through ``sender``, whose
+    request the registrar takes after the ones before it. Its first status
+    waits in the paced queue behind every status queued before and is sent
+    once the outbox has published what it had due: when it arrives, so has
+    every status of the registrations before it, on the same connection.
+    """
+    barrier = f"barrier-{uuid.uuid4().hex[:8]}"
+    sent = time.monotonic()
+    sender.publish(TOPICS.interval(barrier), protocol.encode_interval(30.0))
+    d.observer.wait_status(barrier, "alive", 10, after=sent)
+    topic = TOPICS.status(runtime_id)
+    return [m.json() for m in list(d.observer.messages) if m.topic == topic and m.at >= after and m.payload]
+
+
+def test_a_registration_publishes_its_status_once(deployment: Deployment) -> None:
+    """A birth and a request, as an agent sends them: one status (it was two when the birth revived it)."""
+    rt = deployment.runtime("once-1")
+    started = time.monotonic()
+    rt.state("online", 1)
+    rt.register(30.0, 30.0)
+    assert json.loads(_reply(deployment, "once-1", started).payload)["ok"] is True
+    statuses = _statuses_since(deployment, rt, "once-1", started)
+    assert [(s["state"], s["interval"]) for s in statuses] == [("alive", 30.0)]
+
+
+def test_a_new_interval_publishes_the_status_once(deployment: Deployment) -> None:
+    rt = deployment.runtime("once-2")
+    rt.register(30.0, 30.0)
+    deployment.observer.wait_status("once-2", "alive", 10)
+    started = time.monotonic()
+    rt.register(20.0, 20.0)
+    assert json.loads(_reply(deployment, "once-2", started).payload)["ok"] is True
+    statuses = _statuses_since(deployment, rt, "once-2", started)
+    assert [(s["state"], s["interval"], s["grace"]) for s in statuses] == [("alive", 20.0, 20.0)]
+
+
+@pytest.mark.parametrize("end", ["stopped", "dead"])
+def test_an_agent_started_again_publishes_its_status_once(deployment: Deployment, end: str) -> None:
+    """Its birth revives it, and that status goes out with the alert; its request, unchanged, adds none.
+
+    The request published the status once more: two per registration for an
+    agent restarted after a stop or a crash.
+    """
+    before = deployment.runtime("once-3", will_session=1)
+    before.state("online", 1)
+    before.register(30.0, 30.0)
+    deployment.observer.wait_status("once-3", "alive", 10)
+    ended = time.monotonic()
+    if end == "stopped":
+        before.state("stopped", 1)
+    else:
+        before.drop()  # the broker sends its will
+    deployment.observer.wait_status("once-3", end, 10, after=ended)
+    again = deployment.runtime("once-3", connection=1)
+    started = time.monotonic()
+    again.state("online", 2)
+    deployment.observer.wait_status("once-3", "alive", 10, after=started)  # not in the same round as the request's
+    again.register(30.0, 30.0)
+    assert json.loads(_reply(deployment, "once-3", started).payload)["ok"] is True
+    statuses = _statuses_since(deployment, again, "once-3", started)
+    assert [(s["state"], s["reason"]) for s in statuses] == [("alive", "connected")]
+
+
+def test_the_embedded_broker_stops_without_warning_of_what_nobody_can_receive(tmp_path: Path, sqlite_url: str) -> None:
+    """amqtt warned "1 messages not broadcasted", twice, as it stopped with runtimes still connected."""
+    with Deployment.running("embedded", tmp_path, sqlite_url) as d:
+        rt = d.runtime("connected-1", will_session=1)
+        rt.state("online", 1)
+        rt.register(30.0, 30.0)
+        d.observer.wait_status("connected-1", "alive", 10)
+        orchestrator = d.orchestrators[-1]
+        assert orchestrator.stop() == 0
+    log = orchestrator.log()
+    assert "embedded MQTT broker stopped" in log  # logged once the broker's process has exited
+    assert "not broadcasted" not in log, log[-2000:]

@@ -359,6 +359,7 @@ class OrchestratorProcess:
             stdout=self._log,
             stderr=self._log,
             env=process_env(self.env),
+            cwd=self.log_path.parent,  # its note (heartbeat-orchestrator.json) stays beside its log
         )
         return self
 

@@ -19,7 +19,8 @@ from runtime_agent import protocol
 
 from .admin import maintenance, parse_duration
 from .broker import BrokerStartError
-from .config import Config, ConfigError, load_config, parse_channels
+from .config import Config, ConfigError, from_environment, load_config, parse_channels
+from .discovery import discovered, left_note
 from .reports import follow_alerts, history, recent_alerts, status
 from .terminal import use_color
 
@@ -31,11 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the orchestrator (embedded broker and SQLite unless told otherwise)")
+    run = sub.add_parser(
+        "run",
+        help="run the orchestrator (embedded broker and SQLite unless told otherwise)",
+        epilog="Flags win over HEARTBEAT_BROKER, _LISTEN, _DB, _PREFIX, _HTTP, _LOG_LEVEL, _TLS_CA, _TLS_CERT and "
+        "_TLS_KEY, which win over --config (or $HEARTBEAT_CONFIG). While it runs, the orchestrator leaves "
+        "heartbeat-orchestrator.json in its working directory, so the client commands run there find it.",
+    )
     run.add_argument("--config", metavar="FILE", help="YAML configuration (see config/orchestrator.example.yaml)")
     run.add_argument("--broker", metavar="URL", help="MQTT broker, mqtt://[user:pass@]host:port or mqtts://...")
     run.add_argument("--listen", metavar="HOST:PORT", help="embedded broker address (default 127.0.0.1:1883)")
-    run.add_argument("--db", metavar="URL", help="database, sqlite:///PATH or postgresql://... (default heartbeat.db)")
+    run.add_argument("--db", metavar="URL", help="database: a file path, or postgresql://... (default heartbeat.db)")
     run.add_argument("--prefix", metavar="TOPIC", help="topic prefix (default heartbeat/v1)")
     run.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
     run.add_argument("--http", metavar="HOST:PORT", help="serve the dashboard, /metrics and /healthz there (off)")
@@ -46,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also notify here (repeatable): http(s):// is a webhook, any other scheme an apprise URL",
     )
 
-    status = sub.add_parser("status", help="print every runtime's state (from the database, or a running --http)")
+    status = sub.add_parser(
+        "status", help="print every runtime's state (from the database, or a running --http)", epilog=_FINDING
+    )
     _database_options(status)
     status.add_argument("--json", action="store_true", help="print a JSON list (the status topic's objects)")
     status.add_argument("--http", metavar="URL", help="read a running orchestrator's memory (its --http address)")
@@ -55,23 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _color_option(status)
 
-    alerts = sub.add_parser("alerts", help="print the recent alerts, or follow new ones as they are published")
+    alerts = sub.add_parser(
+        "alerts", help="print the recent alerts, or follow new ones as they are published", epilog=_FINDING
+    )
     _database_options(alerts)
     alerts.add_argument("--follow", "-f", action="store_true", help="subscribe to the alert topic and print each")
-    alerts.add_argument("--broker", metavar="URL", help="broker to follow (default: the config's, or its --listen)")
-    alerts.add_argument("--prefix", metavar="TOPIC", help="topic prefix (default heartbeat/v1)")
+    _broker_options(alerts)
     alerts.add_argument("--limit", type=int, default=20, metavar="N", help="how many recent alerts (default 20)")
     alerts.add_argument("--json", action="store_true", help="one JSON alert object per line, as on the topic")
     _color_option(alerts)
 
-    history = sub.add_parser("history", help="one runtime's transitions, with how long each state lasted")
+    history = sub.add_parser(
+        "history", help="one runtime's transitions, with how long each state lasted", epilog=_FINDING
+    )
     history.add_argument("runtime_id", metavar="ID", help="the runtime's ID")
     _database_options(history)
     history.add_argument("--limit", type=int, default=20, metavar="N", help="how many recent transitions (20)")
     history.add_argument("--json", action="store_true", help="print a JSON list, oldest first")
     _color_option(history)
 
-    silence = sub.add_parser("silence", help="hold back notices about a runtime (or a glob of them) for a while")
+    silence = sub.add_parser(
+        "silence", help="hold back notices about a runtime (or a glob of them) for a while", epilog=_FINDING
+    )
     silence.add_argument("target", metavar="ID|GLOB", help="a runtime ID, or a glob such as 'db-*' (quote it)")
     silence.add_argument(
         "--for", dest="duration", required=True, metavar="DURATION", help="how long: 30s, 15m, 2h, 1d or seconds"
@@ -79,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     silence.add_argument("--reason", metavar="TEXT", help="why (shown in the notice when the silence ends)")
     _command_options(silence)
 
-    unsilence = sub.add_parser("unsilence", help="lift a silence now (runtimes still dead are announced once)")
+    unsilence = sub.add_parser(
+        "unsilence", help="lift a silence now (runtimes still dead are announced once)", epilog=_FINDING
+    )
     unsilence.add_argument("target", metavar="ID|GLOB", help="exactly the ID or glob that was silenced")
     _command_options(unsilence)
 
-    silences = sub.add_parser("silences", help="list the silences in force")
+    silences = sub.add_parser("silences", help="list the silences in force", epilog=_FINDING)
     _command_options(silences)
 
-    deregister = sub.add_parser("deregister", help="forget a runtime for good (its history is kept)")
+    deregister = sub.add_parser("deregister", help="forget a runtime for good (its history is kept)", epilog=_FINDING)
     deregister.add_argument("runtime_id", metavar="ID", help="the runtime's ID")
     _command_options(deregister)
 
@@ -95,11 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FINDING = (
+    "Without --broker/--listen/--prefix/--db, a command takes them from HEARTBEAT_* variables, then --config "
+    "(or $HEARTBEAT_CONFIG), then the orchestrator running in this directory (its heartbeat-orchestrator.json)."
+)
+
+
+def _broker_options(parser: argparse.ArgumentParser) -> None:
+    """Where a client command finds the running orchestrator's broker (see :data:`_FINDING`)."""
+    parser.add_argument("--broker", metavar="URL", help="MQTT broker (default: found, else mqtt://127.0.0.1:1883)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="or the running orchestrator's embedded broker address")
+    parser.add_argument("--prefix", metavar="TOPIC", help="topic prefix (default: found, else heartbeat/v1)")
+
+
 def _command_options(parser: argparse.ArgumentParser) -> None:
     """How a maintenance command reaches the running orchestrator: over MQTT, on its command topic."""
     parser.add_argument("--config", metavar="FILE", help="YAML configuration to take the broker and prefix from")
-    parser.add_argument("--broker", metavar="URL", help="MQTT broker (default mqtt://127.0.0.1:1883)")
-    parser.add_argument("--prefix", metavar="TOPIC", help="topic prefix (default heartbeat/v1)")
+    _broker_options(parser)
     parser.add_argument(
         "--timeout", type=float, default=10.0, metavar="SECONDS", help="how long to wait for the answer (10)"
     )
@@ -108,7 +136,9 @@ def _command_options(parser: argparse.ArgumentParser) -> None:
 
 def _database_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML configuration to take the database URL from")
-    parser.add_argument("--db", metavar="URL", help="database URL (default sqlite:///heartbeat.db)")
+    parser.add_argument(
+        "--db", metavar="URL", help="database: a file path or postgresql://... (default: found, else heartbeat.db)"
+    )
 
 
 def _color_option(parser: argparse.ArgumentParser) -> None:
@@ -124,8 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            config = load_config(
-                args.config,
+            config = _config(
+                args,
                 broker=args.broker,
                 listen=args.listen,
                 db=args.db,
@@ -137,25 +167,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = dataclasses.replace(config, notify=config.notify + parse_channels(args.notify))
             return run(config)
         if args.command == "status":
-            config = load_config(args.config, db=args.db)
+            config = _config(args, client=True, db=args.db)
             if args.watch is not None and not 0.1 <= args.watch <= 86400:
                 raise ConfigError("--watch: between 0.1 and 86400 seconds")
             color = use_color(args.color, sys.stdout)
             return status(config, as_json=args.json, http=args.http, watch=args.watch, color=color)
         if args.command == "alerts":
-            config = load_config(args.config, db=args.db, broker=args.broker, prefix=args.prefix)
+            config = _config(args, client=True, db=args.db, broker=args.broker, listen=args.listen, prefix=args.prefix)
             color = use_color(args.color, sys.stdout)
             if args.follow:
                 return follow_alerts(config, as_json=args.json, color=color)
             return recent_alerts(config, limit=_positive("--limit", args.limit), as_json=args.json, color=color)
         if args.command == "history":
-            config = load_config(args.config, db=args.db)
+            config = _config(args, client=True, db=args.db)
             color = use_color(args.color, sys.stdout)
             return history(
                 config, args.runtime_id, limit=_positive("--limit", args.limit), as_json=args.json, color=color
             )
         if args.command in ("silence", "unsilence", "silences", "deregister"):
-            config = load_config(args.config, broker=args.broker, prefix=args.prefix)
+            config = _config(args, client=True, broker=args.broker, listen=args.listen, prefix=args.prefix)
             if not 0.1 <= args.timeout <= 3600:
                 raise ConfigError("--timeout: between 0.1 and 3600 seconds")
             return maintenance(config, _maintenance_command(args), timeout=args.timeout, as_json=args.json)
@@ -168,6 +198,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `status | head`: the reader left; not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _config(args: argparse.Namespace, *, client: bool = False, **flags: str | None) -> Config:
+    """Flags over ``HEARTBEAT_*`` variables over the file; a client also takes what it finds (see discovery.py)."""
+    path, environment = from_environment(os.environ)
+    found = discovered() if client else None
+    return load_config(args.config or path, found=found, **{**environment, **_given(flags)})
+
+
+def _given(flags: dict[str, str | None]) -> dict[str, str]:
+    return {name: value for name, value in flags.items() if value is not None}
 
 
 def run(config: Config) -> int:
@@ -183,7 +224,8 @@ def run(config: Config) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Orchestrator(config).run(stop)
+        with left_note(config):
+            await Orchestrator(config).run(stop)
 
     try:
         asyncio.run(serve())

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
@@ -90,7 +90,7 @@ class Config:
     """How far a live runtime's last-seen time in the database may fall behind (plus one interval + grace and
     a flush): it is written once in each period of this many seconds (at the first check of its deadline in
     the period; each runtime has its own phase), not once per pulse. A change of state and a clean stop
-    write it exactly; the web API, the status topics and the alerts always have it live."""
+    write it exactly. The web API and the alerts have it live; a retained status has it as of its last change."""
     db_timeout: float = 2.0
     """How long a verdict waits for the database before it is published from memory."""
     echo_timeout: float = 2.0
@@ -114,6 +114,10 @@ class Config:
     max_requests_per_minute: int = 30
     """Live interval requests per runtime ID per minute; more are refused (``rate_limited``)."""
     reconnect_max: float = 10.0
+    reconnect_allowance: float = 7.5
+    """Seconds added to the first window after the broker may have restarted (the embedded one starts with us;
+    an external one after a lost link): the agents reconnect with backoff, by default at most 5 s x 1.5 of
+    jitter apart. A runtime that died meanwhile is reported this much later, never falsely."""
     log_level: str = "INFO"
     http: str | None = None
     """``HOST:PORT`` of the web dashboard, ``/metrics`` and ``/healthz``; None serves nothing."""
@@ -148,7 +152,9 @@ class Config:
         if self.http is not None:
             _host_port("http", self.http)
         if not self.db.startswith(("sqlite:///", "postgres://", "postgresql://")):
-            raise ConfigError(f"db: expected sqlite:///PATH or postgresql://..., got {redact_url(self.db)!r}")
+            raise ConfigError(
+                f"db: expected a file path, sqlite:///PATH or postgresql://..., got {redact_url(self.db)!r}"
+            )
         try:
             Topics(self.prefix)
         except ValueError as exc:
@@ -185,6 +191,8 @@ class Config:
             raise ConfigError("max_payload: between 256 bytes and 16 MiB")
         if not 0.5 <= self.reconnect_max <= 300:
             raise ConfigError("reconnect_max: between 0.5 and 300 seconds")
+        if not 0 <= self.reconnect_allowance <= 300:
+            raise ConfigError("reconnect_allowance: between 0 and 300 seconds")
         if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
             raise ConfigError(f"log_level: DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         if not all(isinstance(c, ChannelConfig) for c in self.notify):
@@ -232,11 +240,15 @@ def _host_port(name: str, value: str) -> tuple[str, int]:
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+def load_config(path: str | Path | None = None, *, found: Mapping[str, Any] | None = None, **overrides: Any) -> Config:
     """Read the YAML file (if any), apply non-None overrides, validate once.
 
-    Unknown keys are an error, so a typo in the file never silently falls back
-    to a default.
+    ``found`` is what a running orchestrator's note says (see
+    :mod:`orchestrator.discovery`): it fills only what neither the file nor
+    the overrides set, and its broker is dropped when they name a broker or
+    an embedded ``listen`` address (those two say together where to connect).
+    Unknown keys are an error, so a typo in the file never silently falls
+    back to a default.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -252,6 +264,11 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
             raise ConfigError(f"config file {path}: expected a mapping of options at the top level")
         values.update(raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if found:
+        skip = {"broker"} if values.keys() & {"broker", "listen"} else set()
+        values = {**{k: v for k, v in found.items() if k not in skip}, **values}
+    if isinstance(values.get("db"), str) and values["db"] and "://" not in values["db"]:
+        values["db"] = "sqlite:///" + values["db"]  # a plain path, as --db heartbeat.db reads
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(unknown)} (known: {', '.join(_FIELDS)})")
@@ -264,6 +281,20 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
     if "notify" in values:
         values["notify"] = parse_channels(values["notify"])
     return Config(**values)
+
+
+ENVIRONMENT: Final = ("broker", "listen", "db", "prefix", "http", "log_level", "tls_ca", "tls_cert", "tls_key")
+"""Options that ``HEARTBEAT_{NAME}`` variables set (``HEARTBEAT_CONFIG`` names the file): where things are,
+for containers and service units; the rest belong in the file."""
+
+
+def from_environment(environ: Mapping[str, str]) -> tuple[str | None, dict[str, str]]:
+    """``(config file, options)`` from ``HEARTBEAT_CONFIG`` and the ``HEARTBEAT_*`` variables of :data:`ENVIRONMENT`.
+
+    An empty variable counts as unset, as a shell's ``VAR=`` usually means.
+    """
+    options = {name: environ.get(f"HEARTBEAT_{name.upper()}", "") for name in ENVIRONMENT}
+    return environ.get("HEARTBEAT_CONFIG") or None, {k: v for k, v in options.items() if v}
 
 
 _EXPECTED: dict[str, tuple[type, ...]] = {

@@ -310,9 +310,10 @@ def test_bad_http_address_is_an_error(http: str) -> None:
         load_config(http=http)
 
 
-@pytest.mark.parametrize("db", ["mysql://user@host/db", "heartbeat.db", "sqlite://relative.db", ""])
+@pytest.mark.parametrize("db", ["mysql://user@host/db", "sqlite://relative.db", ""])
 def test_bad_database_url_scheme_is_an_error(db: str) -> None:
-    with pytest.raises(ConfigError, match=r"^db: expected sqlite:///PATH or postgresql://"):
+    """A plain path is a SQLite file (``--db heartbeat.db``): test_discovery.py; any other scheme is refused."""
+    with pytest.raises(ConfigError, match=r"^db: expected a file path, sqlite:///PATH or postgresql://"):
         load_config(db=db)
 
 

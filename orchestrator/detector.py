@@ -38,6 +38,8 @@ class State(enum.Enum):
 ALIVE, DEAD, STOPPED, UNKNOWN = State.ALIVE, State.DEAD, State.STOPPED, State.UNKNOWN
 _SHARED_VALUES = 4096
 """Distinct intervals and graces whose float objects :meth:`Detector.restore` shares."""
+NEVER_RAN = "stopped before it ever ran"
+"""The reason of a quiet stop (see :meth:`Detector.stopped`); its return to life is no ``recovered`` either."""
 _WATCHED = (ALIVE, UNKNOWN)
 """States with a deadline: the two in which silence means death."""
 
@@ -292,12 +294,20 @@ class Detector:
         return self._become(runtime_id, rt, DEAD, now, "connection lost", "dead")
 
     def stopped(self, runtime_id: str, now: float, session: int | None = None) -> Transition | None:
-        """The runtime said it is stopping on purpose: no dead alert follows."""
+        """The runtime said it is stopping on purpose: no dead alert follows.
+
+        One that never ran (registered from a retained request, never a pulse
+        nor a live birth: an agent whose start failed) stops quietly: no
+        ``stopped`` alert about something nobody saw running, and no
+        ``recovered`` when it comes to life after all.
+        """
         rt = self._get(runtime_id)
         if session is not None and rt.session is not None and session != rt.session:
             return None
         if rt.state is STOPPED:
             return None
+        if rt.state is UNKNOWN and rt.last_seen is None:
+            return self._become(runtime_id, rt, STOPPED, now, NEVER_RAN, None)
         return self._become(runtime_id, rt, STOPPED, now, "stopped by runtime", "stopped")
 
     # --- time ----------------------------------------------------------------
@@ -388,12 +398,17 @@ class Detector:
         """Stop judging: the orchestrator lost its broker and cannot see pulses."""
         self._suspended = True
 
-    def resume(self, now: float) -> None:
-        """Start (again) to judge, giving every watched runtime a full interval + grace.
+    def resume(self, now: float, *, allowance: float = 0.0) -> None:
+        """Start (again) to judge, giving every watched runtime a full interval + grace after ``allowance`` s.
 
+        ``allowance`` is for the runtimes' way back after their broker
+        restarted: their agents reconnect with backoff. It holds for every
+        runtime alike (one back sooner keeps it too), so a deadline never
+        moves earlier and the heap's lazy entries are never late (for that
+        too, a later resume never cuts short an allowance still running).
         O(1): the new start time is read when each entry next falls due.
         """
-        self._watch_from = now
+        self._watch_from = max(self._watch_from, now + allowance)
         self._suspended = False
 
     # --- internals -----------------------------------------------------------
@@ -429,7 +444,7 @@ class Detector:
     def _alive(self, runtime_id: str, rt: _Runtime, now: float, reason: str) -> Transition | None:
         if rt.state is ALIVE:
             return None
-        event = "recovered" if rt.state in (DEAD, STOPPED) else None
+        event = "recovered" if rt.state is DEAD or (rt.state is STOPPED and rt.reason != NEVER_RAN) else None
         rt.dead_session = None
         transition = self._become(runtime_id, rt, ALIVE, now, reason, event)
         if rt.token == 0:

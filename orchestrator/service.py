@@ -83,6 +83,8 @@ class Orchestrator:
         """Set while subscribed and judging; tests and the demo wait on it."""
         self._downtime: tuple[float, float] | None = None
         """(last known alive, restarted) when the monitor was down long enough to miss a death."""
+        self._links_up = 0
+        """Connections made so far: after the first, an external broker may have restarted (see link_up)."""
         echo = Echo(self.topics.echo(config.client_id))
         self.link = BrokerLink(config, topics=self.topics, echo=echo, stats=self.stats)
         self.statuses = Statuses(topics=self.topics, detector=self.detector, clock=self.clock)
@@ -268,8 +270,19 @@ class Orchestrator:
     # --- the link's life cycle (orchestrator.link.LinkUser) --------------------
 
     async def link_up(self) -> None:
-        """Connected and subscribed: judge afresh, republish every status, tell of a long downtime."""
-        self.detector.resume(time.monotonic())
+        """Connected and subscribed: judge afresh, republish every status, tell of a long downtime.
+
+        The first window waits for the agents' reconnects too when their
+        broker may have restarted: the embedded broker always has (it started
+        with us), an external one only if we lost it (agents stayed connected
+        to it while we restarted). Only runtimes being watched need it: with
+        none yet (a first start) the window is the usual one.
+        """
+        restarted = self.config.broker is None or self._links_up > 0
+        self._links_up += 1
+        watched = self.detector.counts[State.ALIVE] + self.detector.counts[State.UNKNOWN]
+        allowance = self.config.reconnect_allowance if restarted and watched else 0.0
+        self.detector.resume(time.monotonic(), allowance=allowance)
         self.outbox.refresher.all(self.detector.ids())  # the broker may have lost retained statuses
         self.watch.rearm()
         self.outbox.wake()

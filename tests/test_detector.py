@@ -429,6 +429,45 @@ def test_stop_from_older_session_is_ignored(det: Detector, clock: FakeClock) -> 
     assert det.view("rt-1").state is ALIVE
 
 
+def test_a_runtime_that_never_ran_stops_without_an_alert(det: Detector, clock: FakeClock) -> None:
+    """Registered from a retained request, never seen: its retained ``stopped`` is no news for anyone."""
+    det.register("rt-1", IV, GRACE, clock.now, live=False)
+
+    t = det.stopped("rt-1", clock.advance(1))
+
+    assert t is not None
+    assert (t.old, t.new, t.last_seen, t.reason, t.event) == (
+        UNKNOWN,
+        STOPPED,
+        None,
+        "stopped before it ever ran",
+        None,
+    )
+    assert det.expire(clock.advance(100 * (IV + GRACE))) == []
+
+
+def test_a_runtime_registered_live_that_stops_before_its_first_pulse_raises_stopped(
+    det: Detector, clock: FakeClock
+) -> None:
+    """A live request is a sign of life: that runtime ran."""
+    register_alive(det, clock)
+
+    t = det.stopped("rt-1", clock.advance(1))
+
+    assert t is not None
+    assert (t.last_seen, t.event) == (None, "stopped")
+
+
+def test_a_restored_runtime_that_was_seen_before_raises_stopped(clock: FakeClock) -> None:
+    det = Detector(now=clock.now)
+    det.restore("rt-1", interval=IV, grace=GRACE, state=UNKNOWN, since=clock.now, last_seen=clock.now - 5, reason=None)
+
+    t = det.stopped("rt-1", clock.advance(1))
+
+    assert t is not None
+    assert t.event == "stopped"
+
+
 def test_stop_of_dead_runtime_marks_it_stopped(det: Detector, clock: FakeClock) -> None:
     register_alive(det, clock)
     det.expire(clock.advance(IV + GRACE))
@@ -659,6 +698,32 @@ def test_resume_after_suspend_gives_a_full_interval_plus_grace(det: Detector, cl
     assert det.expire(resumed + IV + GRACE - EPS) == []
     (t,) = det.expire(resumed + IV + GRACE)
     assert t.reason == "no pulse within 15 s of watching"
+
+
+def test_resume_with_an_allowance_starts_the_window_that_much_later(det: Detector, clock: FakeClock) -> None:
+    """After a broker restart the agents come back on their backoff: the window starts after the allowance."""
+    register_alive(det, clock)
+    det.suspend()
+    det.resume(clock.advance(60), allowance=7.5)
+    resumed = clock.now
+
+    assert det.deadline("rt-1") == resumed + 7.5 + IV + GRACE
+    assert det.expire(resumed + 7.5 + IV + GRACE - EPS) == []
+    (t,) = det.expire(resumed + 7.5 + IV + GRACE)
+    assert t.event == "dead"
+
+
+def test_a_runtime_back_within_the_allowance_keeps_it(det: Detector, clock: FakeClock) -> None:
+    """One allowance for all: a deadline never moves earlier, so the heap's lazy entries are never late."""
+    register_alive(det, clock)
+    det.suspend()
+    det.resume(clock.advance(60), allowance=7.5)
+    resumed = clock.now
+    det.pulse("rt-1", clock.advance(1))
+
+    assert det.deadline("rt-1") == resumed + 7.5 + IV + GRACE
+    det.pulse("rt-1", clock.advance(10))
+    assert det.deadline("rt-1") == clock.now + IV + GRACE
 
 
 def test_will_is_still_acted_on_while_suspended(det: Detector, clock: FakeClock) -> None:

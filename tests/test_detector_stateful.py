@@ -18,7 +18,17 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from orchestrator.detector import ALIVE, DEAD, STOPPED, UNKNOWN, Detector, NotRegistered, State, Transition
+from orchestrator.detector import (
+    ALIVE,
+    DEAD,
+    NEVER_RAN,
+    STOPPED,
+    UNKNOWN,
+    Detector,
+    NotRegistered,
+    State,
+    Transition,
+)
 
 IDS = ("a", "b", "c", "d")
 WATCHED = (ALIVE, UNKNOWN)
@@ -86,7 +96,7 @@ class Model:
         rt = self.runtimes[rid]
         if rt.state is ALIVE:
             return None
-        event = "recovered" if rt.state in (DEAD, STOPPED) else None
+        event = "recovered" if rt.state is DEAD or (rt.state is STOPPED and rt.reason != NEVER_RAN) else None
         rt.dead_session = None
         return self.become(rid, ALIVE, now, reason, event)
 
@@ -132,8 +142,11 @@ class Model:
         return self.become(rid, DEAD, now, "connection lost", "dead")
 
     def stopped(self, rid: str, now: float, session: int | None) -> Transition | None:
-        if self.stale_session(rid, session) or self.runtimes[rid].state is STOPPED:
+        rt = self.runtimes[rid]
+        if self.stale_session(rid, session) or rt.state is STOPPED:
             return None
+        if rt.state is UNKNOWN and rt.last_seen is None:  # it never ran: no news for anyone
+            return self.become(rid, STOPPED, now, NEVER_RAN, None)
         return self.become(rid, STOPPED, now, "stopped by runtime", "stopped")
 
     def expire(self, now: float) -> dict[str, Transition]:
@@ -160,8 +173,14 @@ def check_transition(t: Transition | None) -> None:
         return
     assert t.old is not t.new, t
     assert (t.event == "dead") == (t.new is DEAD), t
-    assert (t.event == "stopped") == (t.new is STOPPED), t
-    assert (t.event == "recovered") == (t.old in (DEAD, STOPPED) and t.new is ALIVE), t
+    assert (t.event == "stopped") == (t.new is STOPPED and t.reason != NEVER_RAN), t
+    quiet = t.new is STOPPED and t.reason == NEVER_RAN
+    assert not quiet or (t.old is UNKNOWN and t.last_seen is None), t
+    if t.event == "recovered":
+        assert t.old in (DEAD, STOPPED), t
+        assert t.new is ALIVE, t
+    if t.old is DEAD and t.new is ALIVE:  # from STOPPED too, unless the stop was quiet: the model says which
+        assert t.event == "recovered", t
 
 
 class DetectorMachine(RuleBasedStateMachine):
@@ -311,10 +330,10 @@ class DetectorMachine(RuleBasedStateMachine):
         self.detector.suspend()
         self.model.suspended = True
 
-    @rule()
-    def resume(self) -> None:
-        self.detector.resume(self.now)
-        self.model.watch_from = self.now
+    @rule(allowance=st.sampled_from([0.0, 0.0, 0.5, 7.5]))
+    def resume(self, allowance: float) -> None:
+        self.detector.resume(self.now, allowance=allowance)
+        self.model.watch_from = max(self.model.watch_from, self.now + allowance)  # as if it started that much later
         self.model.suspended = False
 
     def check_taken(self, seen: dict[str, float]) -> None:

@@ -124,6 +124,8 @@ class Detector:
         self._heap: list[tuple[float, int, str]] = []
         self._tokens = itertools.count(1)
         self._watch_from = now
+        self._resumed_at = now
+        """When :meth:`resume` was last called: ``_watch_from`` beyond it is an allowance."""
         self._suspended = False
         self._values: dict[float, float] = {}
         self.counts: dict[State, int] = dict.fromkeys(State, 0)
@@ -408,7 +410,9 @@ class Detector:
         too, a later resume never cuts short an allowance still running).
         O(1): the new start time is read when each entry next falls due.
         """
-        self._watch_from = max(self._watch_from, now + allowance)
+        running = self._watch_from > max(self._resumed_at, now)  # an earlier allowance not over yet
+        self._watch_from = max(self._watch_from, now + allowance) if running else now + allowance
+        self._resumed_at = now
         self._suspended = False
 
     # --- internals -----------------------------------------------------------

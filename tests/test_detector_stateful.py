@@ -57,6 +57,7 @@ class Model:
     def __init__(self, now: float) -> None:
         self.runtimes: dict[str, ModelRuntime] = {}
         self.watch_from = now
+        self.resumed_at = now
         self.suspended = False
         self.stored: dict[str, float] = {}
         """The last-seen time the database holds for each runtime: the last one handed out, or restored."""
@@ -333,7 +334,10 @@ class DetectorMachine(RuleBasedStateMachine):
     @rule(allowance=st.sampled_from([0.0, 0.0, 0.5, 7.5]))
     def resume(self, allowance: float) -> None:
         self.detector.resume(self.now, allowance=allowance)
-        self.model.watch_from = max(self.model.watch_from, self.now + allowance)  # as if it started that much later
+        model = self.model
+        running = model.watch_from > max(model.resumed_at, self.now)  # an allowance is never cut short
+        model.watch_from = max(model.watch_from, self.now + allowance) if running else self.now + allowance
+        model.resumed_at = self.now
         self.model.suspended = False
 
     def check_taken(self, seen: dict[str, float]) -> None:

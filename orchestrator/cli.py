@@ -14,6 +14,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Sequence
+from typing import TypeAlias
 
 from runtime_agent import protocol
 
@@ -31,7 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watch runtimes' heartbeats over MQTT; declare the silent ones dead and tell administrators.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _run_parser(sub)
+    _reading_parsers(sub)
+    _maintenance_parsers(sub)
+    demo = sub.add_parser("demo", help="a one-minute tour: embedded broker, orchestrator, three agents, one killed")
+    demo.add_argument("--interval", type=float, default=1.0, metavar="S", help="the agents' interval (default 1 s)")
+    return parser
 
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _run_parser(sub: Subparsers) -> None:
     run = sub.add_parser(
         "run",
         help="run the orchestrator (embedded broker and SQLite unless told otherwise)",
@@ -53,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also notify here (repeatable): http(s):// is a webhook, any other scheme an apprise URL",
     )
 
+
+def _reading_parsers(sub: Subparsers) -> None:
+    """The commands that read what the orchestrator knows: its database, its --http, its alert topic."""
     status = sub.add_parser(
         "status", help="print every runtime's state (from the database, or a running --http)", epilog=_FINDING
     )
@@ -83,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true", help="print a JSON list, oldest first")
     _color_option(history)
 
+
+def _maintenance_parsers(sub: Subparsers) -> None:
+    """The commands sent to the running orchestrator over MQTT."""
     silence = sub.add_parser(
         "silence", help="hold back notices about a runtime (or a glob of them) for a while", epilog=_FINDING
     )
@@ -105,10 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     deregister = sub.add_parser("deregister", help="forget a runtime for good (its history is kept)", epilog=_FINDING)
     deregister.add_argument("runtime_id", metavar="ID", help="the runtime's ID")
     _command_options(deregister)
-
-    demo = sub.add_parser("demo", help="a one-minute tour: embedded broker, orchestrator, three agents, one killed")
-    demo.add_argument("--interval", type=float, default=1.0, metavar="S", help="the agents' interval (default 1 s)")
-    return parser
 
 
 _FINDING = (

@@ -9,7 +9,6 @@ fleet's: at most a thousand wait, the rest are refused as ``busy``.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -17,15 +16,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from runtime_agent import protocol
-from runtime_agent.protocol import ProtocolError, Topics
+from runtime_agent.protocol import ProtocolError
 
-from .config import Config
 from .database import Database
-from .detector import Detector, State
+from .detector import State
 from .dispatch import Dispatcher
-from .intake import CommandRequest
+from .intake import CommandRequest, Common, InputRoom
 from .link import BrokerLink, LinkError
-from .rejections import Rejections, shown
+from .rejections import shown
 from .silence import Silence, SilenceBook
 from .store import database_error
 
@@ -39,31 +37,23 @@ class CommandFailed(Exception):
     """A well-formed command that cannot be done (nothing to lift, not registered): the reply says why."""
 
 
-class Commander:
+class Commander(InputRoom):
     """Runs the commands; owns the silences' persistence (the registrar does the deregistering)."""
 
     def __init__(
         self,
+        common: Common,
         *,
-        topics: Topics,
         db: Database,
-        detector: Detector,
         dispatcher: Dispatcher,
         link: BrokerLink,
         deregister: Callable[[str], Awaitable[bool]],
-        reject: Rejections,
-        stats: collections.Counter[str],
-        config: Config,
     ) -> None:
-        self.topics = topics
+        super().__init__(common)
         self._db = db
-        self.detector = detector
         self.dispatcher = dispatcher
         self._link = link
         self._deregister_runtime = deregister
-        self._reject = reject
-        self.stats = stats
-        self.max_payload = config.max_payload
         self._queue: asyncio.Queue[CommandRequest] = asyncio.Queue(maxsize=_COMMAND_QUEUE)
 
     def submit(self, request: CommandRequest) -> None:

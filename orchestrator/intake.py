@@ -93,14 +93,35 @@ class Births:
         return self._sessions.pop(runtime_id, None)
 
 
-class Intake:
+@dataclass(frozen=True, slots=True)
+class Common:
+    """What every room of the input side is given (the intake, the registrar, the commander)."""
+
+    topics: Topics
+    detector: Detector
+    reject: Rejections
+    stats: collections.Counter[str]
+    config: Config
+
+
+class InputRoom:
+    """A room of the input side: it reads messages of the topics, asks the detector, counts what it rejects."""
+
+    def __init__(self, common: Common) -> None:
+        self.topics = common.topics
+        self.detector = common.detector
+        self._reject = common.reject
+        self.stats = common.stats
+        self.max_payload = common.config.max_payload
+
+
+class Intake(InputRoom):
     """Routes messages; owns the pulse count, sessions and conflicts of runtime IDs."""
 
     def __init__(
         self,
+        common: Common,
         *,
-        topics: Topics,
-        detector: Detector,
         echo: Echo,
         verdicts: Verdicts,
         watch: Watch,
@@ -111,12 +132,8 @@ class Intake:
         heal: Callable[[], None],
         conflicts: ConflictWatch,
         births: Births,
-        reject: Rejections,
-        stats: collections.Counter[str],
-        config: Config,
     ) -> None:
-        self.topics = topics
-        self.detector = detector
+        super().__init__(common)
         self._echo = echo
         self._verdicts = verdicts
         self._watch = watch
@@ -127,9 +144,6 @@ class Intake:
         self._heal = heal
         self.conflicts = conflicts
         self.births = births
-        self._reject = reject
-        self.stats = stats
-        self.max_payload = config.max_payload
         self.pulses = 0
         """Pulses accepted (a plain int: it is bumped on the hot path)."""
 

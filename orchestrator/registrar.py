@@ -20,14 +20,13 @@ from typing import Any
 from runtime_agent import protocol
 from runtime_agent.protocol import ProtocolError, Topics
 
-from .config import Config
 from .conflict import ConflictWatch
 from .database import Database
-from .detector import Detector, Transition
+from .detector import Transition
 from .healing import RegistrationHealer
-from .intake import Births, Request
+from .intake import Births, Common, InputRoom, Request
 from .link import BrokerLink, LinkError
-from .rejections import Rejections, shown, shown_id
+from .rejections import shown, shown_id
 
 log = logging.getLogger("orchestrator")
 
@@ -45,15 +44,14 @@ _TALLY_PERIOD = 60.0
 Reply = tuple[Request, bytes]
 
 
-class Registrar:
+class Registrar(InputRoom):
     """Owns the request queue, the per-ID rate limit and the registration replies."""
 
     def __init__(
         self,
+        common: Common,
         *,
-        topics: Topics,
         db: Database,
-        detector: Detector,
         link: BrokerLink,
         healer: RegistrationHealer,
         births: Births,
@@ -61,13 +59,9 @@ class Registrar:
         emit: Callable[[Transition], None],
         publish_status: Callable[[str], None],
         rearm: Callable[[], None],
-        reject: Rejections,
-        stats: collections.Counter[str],
-        config: Config,
     ) -> None:
-        self.topics = topics
+        super().__init__(common)
         self._db = db
-        self.detector = detector
         self._link = link
         self.healer = healer
         self._births = births
@@ -75,11 +69,8 @@ class Registrar:
         self._emit = emit
         self._publish_status = publish_status
         self._rearm = rearm
-        self._reject = reject
-        self.stats = stats
-        self.max_payload = config.max_payload
-        self.max_runtimes = config.max_runtimes
-        self.max_requests_per_minute = config.max_requests_per_minute
+        self.max_runtimes = common.config.max_runtimes
+        self.max_requests_per_minute = common.config.max_requests_per_minute
         self._requests: asyncio.Queue[Request] = asyncio.Queue()
         self._replies: asyncio.Queue[list[Reply]] = asyncio.Queue()
         """Each batch's replies, sent by ``run_replies`` while the registrar goes on to the next batch."""

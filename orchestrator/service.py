@@ -25,7 +25,6 @@ import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypedDict
 
 from runtime_agent import protocol
 from runtime_agent.protocol import Topics
@@ -41,7 +40,7 @@ from .database import Database
 from .detector import Detector, State
 from .dispatch import Dispatcher, Route, build_routes, retry_policy, storm_policy
 from .healing import RegistrationHealer
-from .intake import Births, Intake
+from .intake import Births, Common, Intake
 from .link import BrokerLink, Echo
 from .notify import MqttNotifier, Notice
 from .outbox import Outbox
@@ -57,15 +56,6 @@ log = logging.getLogger("orchestrator")
 _paho.apply()  # paho's per-message MQTT 5 property tables, shared (see orchestrator/_paho.py)
 
 __all__ = ["Orchestrator", "WallClock"]
-
-
-class _Shared(TypedDict):
-    """What every room of the input side is given."""
-
-    topics: Topics
-    detector: Detector
-    reject: Rejections
-    stats: collections.Counter[str]
 
 
 class Orchestrator:
@@ -139,10 +129,9 @@ class Orchestrator:
         """The rooms a message passes through: intake -> detector, registrar, commander."""
         reject = Rejections(self.stats)
         births, conflicts, healer = Births(), ConflictWatch(), RegistrationHealer()
-        common = _Shared(topics=self.topics, detector=self.detector, reject=reject, stats=self.stats)
+        common = Common(self.topics, self.detector, reject, self.stats, self.config)
         self.registrar = Registrar(
-            **common,
-            config=self.config,
+            common,
             db=self.db,
             link=self.link,
             healer=healer,
@@ -153,8 +142,7 @@ class Orchestrator:
             rearm=self.watch.rearm,
         )
         self.commander = Commander(
-            **common,
-            config=self.config,
+            common,
             db=self.db,
             dispatcher=self.dispatcher,
             link=self.link,
@@ -168,8 +156,7 @@ class Orchestrator:
             deliver=lambda *m: self.intake.receive(*m),
         )
         self.intake = Intake(
-            **common,
-            config=self.config,
+            common,
             echo=echo,
             verdicts=self.outbox,
             watch=self.watch,

@@ -33,6 +33,9 @@ from .harness import TOPICS, Deployment
 AGENTS = 50
 INTERVAL = 1.0  # the agents' grace is the orchestrator's default: the interval
 ALLOWANCE = Config().reconnect_allowance
+OUTAGE = 3.0
+"""Seconds between a stop and the next start: the agents' waits have grown to 2-4 s by then, so some come
+back more than interval + grace after ready (without the allowance, false dead verdicts)."""
 SLACK = 1.5
 """Seconds a verdict may come after its deadline on this busy test machine (an echo, the watch's wake-up)."""
 
@@ -101,6 +104,7 @@ def test_restarts_on_the_embedded_broker_raise_no_false_alert_and_miss_no_death(
         if number == victim_round:
             victim.process.kill()  # dies while nobody watches: no will either (the broker is gone too)
             victim.process.wait(10)
+        time.sleep(OUTAGE)  # the agents' backoff grows meanwhile, as behind a supervisor's restart delay
         proc = d.start_orchestrator()
         ready = d.observer.wait_for(
             lambda m: m.topic == TOPICS.orchestrator_state and m.json().get("state") == "online", 20, after=stopped
@@ -109,11 +113,11 @@ def test_restarts_on_the_embedded_broker_raise_no_false_alert_and_miss_no_death(
         if number == victim_round:
             dead = d.observer.wait_alert("rt-victim", "dead", 5, after=ready)
             victim_dead_after_ready = dead.at - ready
+        false = [rid for rid, _ in dead_flips(sqlite_url) if not rid.startswith(("rt-witness-", "rt-victim"))]
+        assert false == [], f"false dead verdicts after restart {number + 1} ({signal.Signals(sig).name}): {false}"
         assert all(agent.connected for agent in agents), proc.log_tail()
 
     expected = {f"rt-witness-{n}" for n in range(len(plan))} | {"rt-victim"}
-    false = [rid for rid, _ in dead_flips(sqlite_url) if rid not in expected]
-    assert false == [], f"false dead verdicts after {len(plan)} restarts: {false}"
     assert [a for a in d.observer.alerts() if a["id"] not in expected] == []
     assert victim_dead_after_ready is not None
     print(f"{len(plan)} restarts, no false verdict; victim declared dead {victim_dead_after_ready:.2f} s after ready")

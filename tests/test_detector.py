@@ -700,25 +700,25 @@ def test_resume_after_suspend_gives_a_full_interval_plus_grace(det: Detector, cl
     assert t.reason == "no pulse within 15 s of watching"
 
 
-def test_resume_with_an_allowance_starts_the_window_that_much_later(det: Detector, clock: FakeClock) -> None:
-    """After a broker restart the agents come back on their backoff: the window starts after the allowance."""
+@pytest.fixture
+def resumed(det: Detector, clock: FakeClock) -> float:
+    """When the watch resumed, with a 7.5 s allowance, after a minute cut off; ``rt-1`` was alive before."""
     register_alive(det, clock)
     det.suspend()
     det.resume(clock.advance(60), allowance=7.5)
-    resumed = clock.now
+    return clock.now
 
+
+def test_resume_with_an_allowance_starts_the_window_that_much_later(det: Detector, resumed: float) -> None:
+    """After a broker restart the agents come back on their backoff: the window starts after the allowance."""
     assert det.deadline("rt-1") == resumed + 7.5 + IV + GRACE
     assert det.expire(resumed + 7.5 + IV + GRACE - EPS) == []
     (t,) = det.expire(resumed + 7.5 + IV + GRACE)
     assert t.event == "dead"
 
 
-def test_a_runtime_back_within_the_allowance_keeps_it(det: Detector, clock: FakeClock) -> None:
+def test_a_runtime_back_within_the_allowance_keeps_it(det: Detector, clock: FakeClock, resumed: float) -> None:
     """One allowance for all: a deadline never moves earlier, so the heap's lazy entries are never late."""
-    register_alive(det, clock)
-    det.suspend()
-    det.resume(clock.advance(60), allowance=7.5)
-    resumed = clock.now
     det.pulse("rt-1", clock.advance(1))
 
     assert det.deadline("rt-1") == resumed + 7.5 + IV + GRACE

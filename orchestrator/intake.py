@@ -76,21 +76,28 @@ class Watch(Protocol):
 
 
 class Births:
-    """A birth's session kept until the interval request that follows it (bounded, oldest dropped)."""
+    """A state that came before its runtime's registration, kept until the interval request that follows it.
+
+    Two kinds: a live birth (its session, so a will of an older one is known
+    as stale), and a stop, live or retained (an agent whose start failed
+    leaves its request and ``stopped``; a broker may deliver the second
+    first). Bounded, oldest dropped: random IDs must not grow memory.
+    """
 
     def __init__(self) -> None:
-        self._sessions: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._states: collections.OrderedDict[str, tuple[bool, int | None]] = collections.OrderedDict()
 
-    def remember(self, runtime_id: str, session: int | None) -> None:
-        if session is None:
+    def remember(self, runtime_id: str, session: int | None, *, stopped: bool = False) -> None:
+        if session is None and not stopped:
             return
-        self._sessions.pop(runtime_id, None)
-        self._sessions[runtime_id] = session
-        if len(self._sessions) > _MAX_BIRTHS:
-            self._sessions.popitem(last=False)
+        self._states.pop(runtime_id, None)
+        self._states[runtime_id] = (stopped, session)
+        if len(self._states) > _MAX_BIRTHS:
+            self._states.popitem(last=False)
 
-    def take(self, runtime_id: str) -> int | None:
-        return self._sessions.pop(runtime_id, None)
+    def take(self, runtime_id: str) -> tuple[bool, int | None] | None:
+        """``(stopped, session)`` of the state kept for ``runtime_id``, if any (forgotten then)."""
+        return self._states.pop(runtime_id, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +216,9 @@ class Intake(InputRoom):
                 transition = self.detector.stopped(runtime_id, now, message.session)
             self.stats["state_messages"] += 1
         except NotRegistered:
-            if message.state == "online" and not retained and protocol.is_valid_id(runtime_id):
-                self.births.remember(runtime_id, message.session)  # birth comes before registration
+            early = (message.state == "online" and not retained) or message.state == "stopped"
+            if early and protocol.is_valid_id(runtime_id):  # came before the registration: kept for it
+                self.births.remember(runtime_id, message.session, stopped=message.state == "stopped")
                 return
             self._reject("unregistered", runtime_id, "state from unregistered runtime")
             return

@@ -179,9 +179,17 @@ class Registrar(InputRoom):
                     log.info("%s registered from its retained request, fetched after it pulsed unregistered", rid)
                 changed = self._changes_status(rid, interval)
                 transition = self.detector.register(rid, interval.interval, interval.grace, now, live=not req.retained)
-                session = self._births.take(rid)
-                if session is not None:
-                    self.detector.online(rid, now, session, live=False)  # records the session only
+                early = self._births.take(rid)
+                if early is not None:
+                    stopped, session = early
+                    if stopped:  # it stopped before we knew it: quietly, if it never ran
+                        stop = self.detector.stopped(rid, now, session)
+                        if stop is not None:
+                            if transition is not None:
+                                self._emit(transition)
+                            transition = stop
+                    else:
+                        self.detector.online(rid, now, session, live=False)  # records the session only
                 if transition is not None:
                     self._emit(transition)  # its status follows it
                 elif changed:

@@ -310,3 +310,24 @@ def test_the_embedded_broker_stops_without_warning_of_what_nobody_can_receive(tm
     log = orchestrator.log()
     assert "embedded MQTT broker stopped" in log  # logged once the broker's process has exited
     assert "not broadcasted" not in log, log[-2000:]
+
+
+def test_a_runtime_that_never_ran_is_stopped_without_an_alert(tmp_path: Path, sqlite_url: str) -> None:
+    """An agent whose start failed left its retained request and ``stopped``; a later orchestrator
+    registers it from them: ``stopped`` quietly, no alert about something nobody saw running."""
+    d = Deployment("mosquitto", tmp_path, sqlite_url)
+    try:
+        left = d.runtime("rt-never-ran")
+        left.register(1.0, 1.0)
+        left.state("stopped", 7)
+        left.close()
+        started = time.monotonic()
+        d.start_orchestrator()
+        status = d.observer.wait_status("rt-never-ran", "stopped", 10, after=started).json()
+        assert (status["reason"], status["last_seen"]) == ("stopped before it ever ran", None)
+        witness = d.runtime("rt-witness")  # a barrier: its dead alert follows any alert given before it
+        witness.register(0.5, 0.5)
+        d.observer.wait_alert("rt-witness", "dead", 10, after=started)
+        assert d.observer.alerts("rt-never-ran", after=started) == []
+    finally:
+        d.close()

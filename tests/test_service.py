@@ -196,12 +196,27 @@ def test_online_from_an_invalid_unregistered_id_is_rejected_as_unregistered(orch
     assert rejections(orchestrator) == {"rejected.unregistered": 1}
 
 
-@pytest.mark.parametrize("state", ["offline", "stopped"])
-def test_other_states_from_an_unregistered_id_are_rejected_as_unregistered(
-    orchestrator: Orchestrator, state: protocol.ConnectionState
-) -> None:
-    deliver(orchestrator, (TOPICS.state("rt-new"), protocol.encode_state(state, SESSION), False))
+def test_a_will_from_an_unregistered_id_is_rejected_as_unregistered(orchestrator: Orchestrator) -> None:
+    deliver(orchestrator, (TOPICS.state("rt-new"), protocol.encode_state("offline", SESSION), False))
     assert rejections(orchestrator) == {"rejected.unregistered": 1}
+
+
+@pytest.mark.parametrize("retained", [True, False], ids=["retained", "live"])
+def test_a_stop_before_the_registration_is_kept_for_it_and_stops_the_runtime_quietly(
+    orchestrator: Orchestrator, retained: bool
+) -> None:
+    """An agent whose start failed leaves its request and ``stopped``; the broker may deliver the stop first."""
+
+    async def scenario() -> tuple[State, str | None]:
+        async with running(orchestrator):
+            orchestrator.intake.receive(TOPICS.state("rt-new"), protocol.encode_state("stopped", SESSION), retained)
+            orchestrator.intake.receive(TOPICS.interval("rt-new"), protocol.encode_interval(30.0), True)
+            await until(lambda: "rt-new" in orchestrator.detector)
+            view = orchestrator.detector.view("rt-new")
+            return view.state, view.reason
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 20)) == (State.STOPPED, "stopped before it ever ran")
+    assert rejections(orchestrator) == {}
 
 
 def test_malformed_state_is_counted_under_its_protocol_error_reason(

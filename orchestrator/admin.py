@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtime_agent import protocol
 from runtime_agent.protocol import Topics
-from runtime_agent.url import BrokerAddress, parse_broker_url
+from runtime_agent.url import BrokerAddress
 
 from .config import Config, ConfigError
 from .terminal import duration, error
@@ -108,7 +108,7 @@ def mqtt_client(config: Config, name: str) -> tuple[mqtt.Client, BrokerAddress]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    address = _broker_address(config)
+    address = config.client_address()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:8]}")
     if address.username is not None:
         client.username_pw_set(address.username, address.password)
@@ -123,13 +123,6 @@ def connect(client: mqtt.Client, address: BrokerAddress) -> None:
         client.connect(address.host, address.port, keepalive=30)
     except OSError as exc:
         raise NoAnswer(f"cannot reach the broker {address.url}: {exc.strerror or exc}") from None
-
-
-def _broker_address(config: Config) -> BrokerAddress:
-    if config.broker is not None:
-        return config.broker_address(config.broker)
-    host, port = config.listen_address
-    return parse_broker_url(f"mqtt://{f'[{host}]' if ':' in host else host}:{port}")
 
 
 def maintenance(config: Config, command: protocol.Command, *, timeout: float, as_json: bool) -> int:

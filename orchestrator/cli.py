@@ -218,11 +218,8 @@ def _config(args: argparse.Namespace, *, client: bool = False, **flags: str | No
     """Flags over ``HEARTBEAT_*`` variables over the file; a client also takes what it finds (see discovery.py)."""
     path, environment = from_environment(os.environ)
     found = discovered() if client else None
-    return load_config(args.config or path, found=found, **{**environment, **_given(flags)})
-
-
-def _given(flags: dict[str, str | None]) -> dict[str, str]:
-    return {name: value for name, value in flags.items() if value is not None}
+    given = {name: value for name, value in flags.items() if value is not None}
+    return load_config(args.config or path, found=found, **{**environment, **given})
 
 
 def run(config: Config) -> int:

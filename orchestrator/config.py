@@ -218,6 +218,18 @@ class Config:
         """Where to connect, with the password from ``HEARTBEAT_BROKER_PASSWORD`` if the URL names only a user."""
         return with_env_password(parse_broker_url(url))
 
+    def client_address(self) -> BrokerAddress:
+        """Where a client on this host reaches the orchestrator's broker: ``broker``, else the embedded ``listen``.
+
+        A broker listening on every address is reached on loopback.
+        """
+        if self.broker is not None:
+            return self.broker_address(self.broker)
+        host, port = self.listen_address
+        if host in ("0.0.0.0", "::", ""):
+            host = "::1" if host == "::" else "127.0.0.1"
+        return BrokerAddress(host=host, port=port)
+
     def ssl_context(self) -> ssl.SSLContext:
         """``mqtts://`` TLS settings as an SSLContext, for the lean connection (the general client takes paths)."""
         context = ssl.create_default_context(cafile=self.tls_ca)

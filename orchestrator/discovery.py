@@ -23,8 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from runtime_agent.url import parse_broker_url
-
 from .config import Config
 
 log = logging.getLogger("orchestrator")
@@ -34,22 +32,12 @@ _KEYS: Final = ("broker", "prefix", "db", "tls_ca")
 """What a client takes from the note: options of :class:`Config`, each a string."""
 
 
-def client_broker_url(config: Config) -> str:
-    """The broker URL a client on this host should use: ``broker`` without its password, else ``listen``."""
-    if config.broker is not None:
-        return parse_broker_url(config.broker).url  # the password stays out of the note
-    host, port = config.listen_address
-    if host in ("0.0.0.0", "::", ""):  # listening everywhere: loopback reaches it
-        host = "127.0.0.1" if host != "::" else "::1"
-    return f"mqtt://{f'[{host}]' if ':' in host else host}:{port}"
-
-
 def note_of(config: Config) -> dict[str, Any]:
     """The note's content for an orchestrator running with ``config``."""
     note: dict[str, Any] = {
         "pid": os.getpid(),
         "started_at": time.time(),
-        "broker": client_broker_url(config),
+        "broker": config.client_address().url,  # without the password
         "prefix": config.prefix,
     }
     if config.db.startswith("sqlite:///"):  # a PostgreSQL URL may carry a password: clients give their own

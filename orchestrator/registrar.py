@@ -179,17 +179,7 @@ class Registrar(InputRoom):
                     log.info("%s registered from its retained request, fetched after it pulsed unregistered", rid)
                 changed = self._changes_status(rid, interval)
                 transition = self.detector.register(rid, interval.interval, interval.grace, now, live=not req.retained)
-                early = self._births.take(rid)
-                if early is not None:
-                    stopped, session = early
-                    if stopped:  # it stopped before we knew it: quietly, if it never ran
-                        stop = self.detector.stopped(rid, now, session)
-                        if stop is not None:
-                            if transition is not None:
-                                self._emit(transition)
-                            transition = stop
-                    else:
-                        self.detector.online(rid, now, session, live=False)  # records the session only
+                transition = self._apply_early_state(rid, now, transition)
                 if transition is not None:
                     self._emit(transition)  # its status follows it
                 elif changed:
@@ -199,6 +189,27 @@ class Registrar(InputRoom):
                 self.stats["registration.confirmed"] += 1
                 replies.append((req, protocol.encode_reply_ok(rid, interval)))
         self._rearm()
+
+    def _apply_early_state(self, runtime_id: str, now: float, transition: Transition | None) -> Transition | None:
+        """Apply a state that came before the registration; return the transition whose status goes out last.
+
+        A birth only records its session. A stop stops the runtime (quietly,
+        if it never ran); the registration's own transition, if any, goes out
+        first.
+        """
+        early = self._births.take(runtime_id)
+        if early is None:
+            return transition
+        stopped, session = early
+        if not stopped:
+            self.detector.online(runtime_id, now, session, live=False)
+            return transition
+        stop = self.detector.stopped(runtime_id, now, session)
+        if stop is None:
+            return transition
+        if transition is not None:
+            self._emit(transition)
+        return stop
 
     def _changes_status(self, runtime_id: str, interval: protocol.IntervalRequest) -> bool:
         """Whether registering ``interval`` changes what the runtime's status shows: it is new, or its times are.

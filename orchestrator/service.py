@@ -73,8 +73,8 @@ class Orchestrator:
         """Set while subscribed and judging; tests and the demo wait on it."""
         self._downtime: tuple[float, float] | None = None
         """(last known alive, restarted) when the monitor was down long enough to miss a death."""
-        self._links_up = 0
-        """Connections made so far: after the first, an external broker may have restarted (see link_up)."""
+        self._linked_before = False
+        """Whether a connection came up before: then an external broker may have restarted (see link_up)."""
         echo = Echo(self.topics.echo(config.client_id))
         self.link = BrokerLink(config, topics=self.topics, echo=echo, stats=self.stats)
         self.statuses = Statuses(topics=self.topics, detector=self.detector, clock=self.clock)
@@ -265,8 +265,8 @@ class Orchestrator:
         to it while we restarted). Only runtimes being watched need it: with
         none yet (a first start) the window is the usual one.
         """
-        restarted = self.config.broker is None or self._links_up > 0
-        self._links_up += 1
+        restarted = self.config.broker is None or self._linked_before
+        self._linked_before = True
         watched = self.detector.counts[State.ALIVE] + self.detector.counts[State.UNKNOWN]
         allowance = self.config.reconnect_allowance if restarted and watched else 0.0
         self.detector.resume(time.monotonic(), allowance=allowance)
